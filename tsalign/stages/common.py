@@ -1,0 +1,112 @@
+"""What every stage shares: where pi_t and student_t come from, prompt shards, run-or-skip."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from tsalign.artifacts import StageRun, read_manifest, stage_dir, stage_lock
+from tsalign.errors import TsalignError
+from tsalign.tracking import start_tracker
+
+log = logging.getLogger("tsalign")
+
+
+@dataclass
+class Plan:
+    """What a stage's outputs depend on. Cheap to build: no model is loaded."""
+
+    config: dict
+    inputs: dict[str, Path] = field(default_factory=dict)
+
+
+def section(cfg: DictConfig, *keys: str) -> dict:
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k] for k in keys}
+
+
+def exp_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.experiment_dir)
+
+
+def finished_output(cfg: DictConfig, iteration: int, stage: str, name: str, needed_by: str) -> Path:
+    """An upstream artifact; a clear error naming the command to run when it is not there yet."""
+    directory = stage_dir(exp_dir(cfg), iteration, stage)
+    if read_manifest(directory) is None:
+        raise TsalignError(f"{needed_by} needs iter_{iteration}/{stage}/{name}, which is not finished; "
+                           f"run `tsalign stage={stage} iteration={iteration}` first (same experiment_name)")
+    return directory / name
+
+
+def policy_source(cfg: DictConfig, iteration: int) -> tuple[Path | None, str]:
+    """pi_t: the base policy at t=0, else the previous iteration's DPO output. (path or None=base, label)"""
+    if iteration == 0:
+        return None, cfg.policy.name
+    return finished_output(cfg, iteration - 1, "dpo", "policy", f"iteration {iteration}"), f"pi_{iteration}"
+
+
+def student_source(cfg: DictConfig, iteration: int) -> tuple[Path | None, str]:
+    if iteration == 0:
+        return None, cfg.student.name
+    return finished_output(cfg, iteration - 1, "distill", "student", f"iteration {iteration}"), f"student_{iteration}"
+
+
+def base_model_dir(cfg: DictConfig, spec: DictConfig) -> Path:
+    from tsalign.models import resolve_model_dir
+
+    tiny = OmegaConf.to_container(spec.tiny) if spec.tiny else None
+    return resolve_model_dir(spec.path, cfg.paths.cache, tiny=tiny, kind=spec.kind, seed=spec.seed)
+
+
+def prompt_split(cfg: DictConfig) -> tuple[list[dict], list[dict]]:
+    from tsalign.data import load_prompt_pool, split_pool
+
+    d = cfg.data
+    pool = load_prompt_pool(d.source, cfg.paths.cache, d.path, d.prompt_field, d.input_field, d.system_prompt)
+    return split_pool(pool, d.eval_prompts, d.prompts_per_iteration, d.split_seed)
+
+
+def training_prompts(cfg: DictConfig, iteration: int) -> list[dict]:
+    from tsalign.data import iteration_shard
+
+    _, train = prompt_split(cfg)
+    d = cfg.data
+    return iteration_shard(train, iteration, d.prompts_per_iteration, d.schedule, d.max_prompts)
+
+
+def stage_module(name: str):
+    return importlib.import_module(f"tsalign.stages.{name}")
+
+
+def stage_run(cfg: DictConfig, name: str, iteration: int | None = None) -> StageRun:
+    t = cfg.iteration if iteration is None else iteration
+    plan: Plan = stage_module(name).plan(cfg)
+    config = {"iteration": t, **plan.config}
+    return StageRun(stage_dir(exp_dir(cfg), t, name), name, t, config, plan.inputs, cfg.redo)
+
+
+def run_stage(cfg: DictConfig, name: str) -> dict:
+    """Skip if done; else run the stage, write its manifest last, and track it."""
+    module = stage_module(name)
+    run = stage_run(cfg, name)
+    with stage_lock(run.directory):
+        if run.is_done():
+            print(f"[tsalign] iter_{cfg.iteration}/{name}: done already (manifest matches), skipped")
+            return read_manifest(run.directory)
+        run.begin()
+        tracker = start_tracker(cfg.logger.backend, cfg.logger.project, cfg.experiment_name, name, cfg.iteration,
+                                OmegaConf.to_container(cfg, resolve=True), exp_dir(cfg) / "wandb",
+                                cfg.logger.mode, cfg.logger.entity)
+        t0 = time.time()
+        try:
+            counts, outputs, extra = module.run(cfg, run.directory, tracker)
+            tracker.summary(counts)
+        finally:
+            tracker.finish()
+        manifest = run.finish(counts, outputs, extra)
+    print(f"[tsalign] iter_{cfg.iteration}/{name}: finished in {time.time() - t0:.1f}s -> {run.directory}")
+    return manifest
