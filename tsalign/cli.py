@@ -90,9 +90,11 @@ def _main(cfg: DictConfig) -> None:
               f"policy={cfg.policy.name} teacher={cfg.teacher.name} student={cfg.student.name} "
               f"sampler={cfg.sampler.backend}")
         if cfg.stage == "loop":
+            from hydra.core.hydra_config import HydraConfig
+
             from tsalign.stages.loop import run_loop
 
-            run_loop(cfg)
+            run_loop(cfg, list(HydraConfig.get().overrides.task))
         else:
             from tsalign.stages.common import run_stage
 

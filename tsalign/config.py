@@ -100,6 +100,8 @@ class RankConfig:
     selection: str = "best_worst"
     shortlist_m: int = 1
     tie_threshold: float = 0.0  # teacher score gaps at or below this make no pair
+    # Rank another experiment's candidates (its name under paths.outputs, or its dir): baselines on the same K
+    candidates_from: Optional[str] = None
 
 
 @dataclass

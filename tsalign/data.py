@@ -168,3 +168,12 @@ def load_human_pairs(name_or_path: str, cache_dir: str | Path) -> list[dict]:
                 r[key] = [{"role": "assistant", "content": r[key]}]
         r["prompt"] = _as_messages(r["prompt"], None, f"{name_or_path} row {i + 1}")
     return rows
+
+
+def split_pairs(pairs: list[dict], holdout: int | float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Deterministic (train, held_out) split; `holdout` is a count, or a fraction when below 1."""
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n = int(round(len(pairs) * holdout)) if isinstance(holdout, float) and holdout < 1 else int(holdout)
+    n = min(n, len(pairs))
+    return [pairs[i] for i in order[n:]], [pairs[i] for i in order[:n]]

@@ -143,9 +143,18 @@ def torch_dtype(name: str, device: str):
     return getattr(torch, name)
 
 
+def _quiet_transformers() -> None:
+    """Loading reports and per-file progress bars drown the stage's own lines; errors still show."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(model_dir: Path, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
+    _quiet_transformers()
     with _clear_load_errors(model_dir):
         tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = padding_side

@@ -110,3 +110,24 @@ def run_stage(cfg: DictConfig, name: str) -> dict:
         manifest = run.finish(counts, outputs, extra)
     print(f"[tsalign] iter_{cfg.iteration}/{name}: finished in {time.time() - t0:.1f}s -> {run.directory}")
     return manifest
+
+
+def teacher_model_dir(cfg: DictConfig) -> Path:
+    """The teacher's folder; a teacher with a `fit` recipe is fitted on human pairs once and cached."""
+    base = base_model_dir(cfg, cfg.teacher)
+    if cfg.teacher.fit is None:
+        return base
+    from tsalign.models import pick_device
+    from tsalign.reward_training import fitted_reward_model
+
+    return fitted_reward_model(base, OmegaConf.to_container(cfg.teacher.fit), Path(cfg.paths.cache),
+                               cfg.teacher.name, pick_device(cfg.device), cfg.teacher.seed)
+
+
+def open_scorer(cfg: DictConfig, spec: DictConfig, model_dir: Path):
+    from tsalign.models import pick_device
+    from tsalign.scoring import make_scorer
+
+    return make_scorer(spec.kind, model_dir, device=pick_device(cfg.device), dtype=spec.dtype,
+                       batch_size=spec.batch_size, max_length=spec.max_length, seed=spec.seed,
+                       judge_prompt=spec.judge_prompt, judge_choices=tuple(spec.judge_choices))

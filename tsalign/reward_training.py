@@ -1,0 +1,119 @@
+"""Training a reward model on preference pairs with the Bradley-Terry loss (tsalign.losses).
+
+Used by `distill` (student_t -> student_{t+1} on the teacher's pairs) and to fit a teacher once on
+human pairs. A small loop of our own rather than TRL's RewardTrainer: RewardTrainer silently drops
+pairs longer than max_length, while here prompts are cut from the left, responses kept, and every
+cut is counted; the loss is the same -log sigmoid(r_c - r_r [- margin]).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from tsalign.artifacts import atomic_dir, atomic_write_json, config_hash
+from tsalign.losses import bradley_terry_loss, pairwise_accuracy
+from tsalign.models import load_reward_model, load_tokenizer
+from tsalign.scoring.reward_model import RewardModelScorer, collate, encode_pair_text
+
+log = logging.getLogger(__name__)
+
+
+def response_text(messages_or_text) -> str:
+    return messages_or_text if isinstance(messages_or_text, str) else messages_or_text[-1]["content"]
+
+
+def train_reward_model(model_dir: Path, out_dir: Path, pairs: list[dict], *, epochs: int = 1, batch_size: int = 8,
+                       learning_rate: float = 2e-5, max_length: int = 256, seed: int = 0, use_margin: bool = False,
+                       device: str = "cpu", on_step=None) -> dict:
+    """Fine-tune the reward model in `model_dir` on `pairs` and save it to `out_dir` (atomically)."""
+    tokenizer = load_tokenizer(model_dir)
+    model = load_reward_model(model_dir, device=device, seed=seed)
+    encoded, truncated, identical = [], 0, 0
+    for p in pairs:
+        c, cut_c = encode_pair_text(tokenizer, p["prompt"], response_text(p["chosen"]), max_length)
+        r, cut_r = encode_pair_text(tokenizer, p["prompt"], response_text(p["rejected"]), max_length)
+        truncated += cut_c or cut_r
+        if c["input_ids"] == r["input_ids"]:
+            identical += 1  # no signal left to learn from
+            continue
+        encoded.append((c, r, float(p.get("margin", 0.0) or 0.0)))
+    steps_per_epoch = (len(encoded) + batch_size - 1) // batch_size
+    total = max(steps_per_epoch * epochs, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total))
+    torch.manual_seed(seed)
+    model.train()
+    losses, t0, step = [], time.time(), 0
+    for epoch in range(epochs):
+        order = list(range(len(encoded)))
+        random.Random(seed + epoch).shuffle(order)
+        for start in range(0, len(order), batch_size):
+            batch = [encoded[i] for i in order[start : start + batch_size]]
+            inputs = collate(tokenizer, [b[0] for b in batch] + [b[1] for b in batch], device)
+            rewards = model(**inputs).logits[:, 0]
+            margin = torch.tensor([b[2] for b in batch], device=device) if use_margin else None
+            loss = bradley_terry_loss(rewards[: len(batch)], rewards[len(batch) :], margin)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+            step += 1
+            if on_step:
+                on_step(step, {"loss": losses[-1], "lr": schedule.get_last_lr()[0], "epoch": epoch})
+    model.eval()
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    last = losses[-steps_per_epoch:] if losses else []
+    return {"train_pairs": len(encoded), "dropped_identical": identical, "truncated_pairs": truncated,
+            "steps": step, "loss_first": losses[0] if losses else None, "loss_last_epoch": sum(last) / len(last)
+            if last else None, "train_s": round(time.time() - t0, 1)}
+
+
+def pair_accuracy(model_dir: Path, pairs: list[dict], max_length: int = 256, device: str = "cpu",
+                  seed: int = 0) -> dict:
+    """Accuracy of a reward model on pairs (chosen above rejected), beside the 'longer answer wins' rule."""
+    scorer = RewardModelScorer(model_dir, device=device, max_length=max_length, seed=seed)
+    prompts = [p["prompt"] for p in pairs]
+    chosen = scorer.score_texts(prompts, [response_text(p["chosen"]) for p in pairs])
+    rejected = scorer.score_texts(prompts, [response_text(p["rejected"]) for p in pairs])
+    scorer.close()
+    return {"pairs": len(pairs), "accuracy": pairwise_accuracy(chosen, rejected), "longer_wins": longer_wins(pairs)}
+
+
+def longer_wins(pairs: list[dict]) -> float:
+    """Accuracy of the rule 'the longer response is better' (ties half): the baseline to beat."""
+    c = [len(response_text(p["chosen"])) for p in pairs]
+    r = [len(response_text(p["rejected"])) for p in pairs]
+    return pairwise_accuracy([float(x) for x in c], [float(x) for x in r])
+
+
+def fitted_reward_model(base_dir: Path, fit: dict, cache_dir: Path, name: str, device: str = "cpu",
+                        head_seed: int = 0) -> Path:
+    """A reward model fitted once on human pairs (e.g. the CPU teacher); cached by its recipe."""
+    from tsalign.data import load_human_pairs, split_pairs
+
+    out = Path(cache_dir) / "fitted" / f"{name}-{config_hash([str(base_dir), fit, head_seed])}"
+    if (out / "fit_report.json").is_file():
+        return out
+    train, held_out = split_pairs(load_human_pairs(fit["data"], cache_dir), fit["holdout"], fit["seed"])
+    log.info("fitting %s on %d human pairs (once; cached in %s)", name, len(train), out)
+    print(f"[tsalign] fitting reward model '{name}' on {len(train)} human pairs (once, cached in {out})")
+    report = {"recipe": fit, "base": str(base_dir)}
+    report["before"] = pair_accuracy(base_dir, held_out, fit["max_length"], device, head_seed)
+    report["train"] = train_reward_model(base_dir, out, train, epochs=fit["epochs"], batch_size=fit["batch_size"],
+                                         learning_rate=fit["learning_rate"], max_length=fit["max_length"],
+                                         seed=head_seed, device=device)
+    report["held_out"] = pair_accuracy(out, held_out, fit["max_length"], device)
+    atomic_write_json(out / "fit_report.json", report)  # last: marks the fit complete
+    print(f"[tsalign] {name}: held-out accuracy {report['before']['accuracy']:.2f} -> "
+          f"{report['held_out']['accuracy']:.2f} on {len(held_out)} human pairs "
+          f"(longer-answer-wins: {report['held_out']['longer_wins']:.2f})")
+    return out

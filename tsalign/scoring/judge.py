@@ -1,0 +1,100 @@
+"""LLM-judge scorer: a generative model asked which of two responses is better.
+
+The verdict is read from the next-token log-probabilities of the two choice tokens (e.g. "A"/"B"),
+asked in both orders so position bias cancels: P(a > b) = (P(A | a first) + P(B | b first)) / 2.
+A group of m candidates is scored round-robin: score_i = mean_j P(i > j); 0.5 everywhere is a tie.
+`stats["first_position_rate"]` is how often a single-order verdict picked the first slot: far from
+0.5 means the judge answers by position and should not be trusted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import torch
+
+from tsalign.errors import TsalignError
+from tsalign.models import load_causal_lm, load_tokenizer
+from tsalign.scoring.reward_model import render_prompt
+
+
+def combine_orders(p_first_ab: float, p_first_ba: float) -> float:
+    """P(a better than b) from the judge's P(first slot wins) with a first, then with b first."""
+    return (p_first_ab + (1.0 - p_first_ba)) / 2.0
+
+
+def round_robin(n: int, prefer: dict[tuple[int, int], float]) -> list[float]:
+    """Scores from pairwise P(i > j) for i < j: the mean probability of beating each other candidate."""
+    if n == 1:
+        return [0.5]
+    wins = [0.0] * n
+    for (i, j), p in prefer.items():
+        wins[i] += p
+        wins[j] += 1.0 - p
+    return [w / (n - 1) for w in wins]
+
+
+class JudgeScorer:
+    def __init__(self, model_dir: Path, device: str = "cpu", dtype: str = "float32", batch_size: int = 8,
+                 max_length: int = 1024, template: str = "", choices: tuple[str, str] = ("A", "B")):
+        self.tokenizer = load_tokenizer(model_dir, padding_side="left")
+        self.model = load_causal_lm(model_dir, dtype=dtype, device=device)
+        self.device, self.batch_size, self.max_length, self.template = device, batch_size, max_length, template
+        ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
+        if any(not i for i in ids) or ids[0][0] == ids[1][0]:
+            raise TsalignError(f"judge choices {choices} must start with two different tokens")
+        self.choice_ids = [ids[0][0], ids[1][0]]
+        self.stats = {"calls": 0, "truncated": 0, "seconds": 0.0, "first_position_picks": 0}
+
+    def _clip(self, text: str, budget: int, keep_end: bool) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= budget:
+            return text
+        self.stats["truncated"] += 1
+        return self.tokenizer.decode(ids[-budget:] if keep_end else ids[:budget])
+
+    def _render(self, prompt: list[dict], a: str, b: str) -> list[int]:
+        budget = max(self.max_length // 4, 16)  # request keeps its end, responses their start
+        user = self.template.format(prompt=self._clip(render_prompt(prompt), budget, True),
+                                    response_a=self._clip(a, budget, False), response_b=self._clip(b, budget, False))
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                                  tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_length :]
+
+    @torch.no_grad()
+    def _p_first(self, items: list[tuple[list[dict], str, str]]) -> list[float]:
+        """P(the first slot wins) for each (prompt, first, second), from the two choice tokens only."""
+        out = []
+        for start in range(0, len(items), self.batch_size):
+            feats = [{"input_ids": self._render(*it)} for it in items[start : start + self.batch_size]]
+            batch = {k: v.to(self.device) for k, v in self.tokenizer.pad(feats, return_tensors="pt").items()}
+            logits = self.model(**batch).logits[:, -1, self.choice_ids].float()  # left padding: last is real
+            out += torch.softmax(logits, dim=-1)[:, 0].tolist()
+        self.stats["calls"] += len(items)
+        self.stats["first_position_picks"] += sum(p > 0.5 for p in out)
+        return out
+
+    def compare(self, prompts: list[list[dict]], a: list[str], b: list[str]) -> list[float]:
+        t0 = time.perf_counter()
+        p_ab = self._p_first(list(zip(prompts, a, b)))
+        p_ba = self._p_first(list(zip(prompts, b, a)))
+        self.stats["seconds"] += time.perf_counter() - t0
+        return [combine_orders(x, y) for x, y in zip(p_ab, p_ba)]
+
+    def score_groups(self, prompts: list[list[dict]], groups: list[list[str]]) -> list[list[float]]:
+        jobs = [(g, i, j) for g, group in enumerate(groups) for i, j in itertools.combinations(range(len(group)), 2)]
+        probs = self.compare([prompts[g] for g, _, _ in jobs], [groups[g][i] for g, i, _ in jobs],
+                             [groups[g][j] for g, _, j in jobs])
+        prefer: list[dict] = [{} for _ in groups]
+        for (g, i, j), p in zip(jobs, probs):
+            prefer[g][(i, j)] = p
+        return [round_robin(len(group), prefer[g]) for g, group in enumerate(groups)]
+
+    @property
+    def first_position_rate(self) -> float | None:
+        return self.stats["first_position_picks"] / self.stats["calls"] if self.stats["calls"] else None
+
+    def close(self) -> None:
+        del self.model

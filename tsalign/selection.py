@@ -1,0 +1,69 @@
+"""Which candidates the teacher sees, and how its verdict becomes a (chosen, rejected) pair.
+
+Pure functions over scores and texts, no models. TS-Align's default (`best_worst`): the student
+scores all K candidates, its best and its worst go to the teacher, and the teacher's order decides
+chosen vs rejected, with the teacher's score gap as the margin. Cost: the teacher sees 2 of K.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+STRATEGIES = ("best_worst", "top_bottom", "all", "random_pair", "student_only")
+
+
+def distinct_valid(texts: list[str]) -> list[int]:
+    """Indices of non-empty candidates, first occurrence of each distinct text only."""
+    seen, keep = set(), []
+    for i, t in enumerate(texts):
+        key = t.strip()
+        if key and key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return keep
+
+
+def shortlist(texts: list[str], student_scores: list[float], strategy: str = "best_worst", m: int = 1,
+              rng: random.Random | None = None) -> list[int]:
+    """Candidate indices the teacher scores ([] = no pair possible). Ties in student score keep index order."""
+    pool = distinct_valid(texts)
+    if len(pool) < 2:
+        return []
+    ranked = sorted(pool, key=lambda i: (-student_scores[i], i))  # best first
+    if strategy in ("best_worst", "student_only"):
+        return [ranked[0], ranked[-1]]
+    if strategy == "top_bottom":
+        if 2 * m >= len(ranked):
+            return ranked
+        return ranked[:m] + ranked[-m:]
+    if strategy == "all":
+        return ranked
+    if strategy == "random_pair":
+        return sorted((rng or random.Random(0)).sample(pool, 2))
+    raise ValueError(f"unknown selection strategy '{strategy}'; use one of {STRATEGIES}")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    chosen: int
+    rejected: int
+    margin: float
+
+
+def decide(candidates: list[int], judge_scores: list[float], tie_threshold: float = 0.0) -> Verdict | None:
+    """Best vs worst by the judge among the shortlisted `candidates`; None on a tie (gap <= threshold)."""
+    if len(candidates) < 2:
+        return None
+    order = sorted(range(len(candidates)), key=lambda k: (-judge_scores[k], k))
+    best, worst = order[0], order[-1]
+    margin = judge_scores[best] - judge_scores[worst]
+    if margin <= tie_threshold:
+        return None
+    return Verdict(candidates[best], candidates[worst], float(margin))
+
+
+def student_agrees(student_scores: list[float], verdict: Verdict) -> float:
+    """1 if the student orders the pair as the teacher did, 0 if reversed, 0.5 on a student tie."""
+    c, r = student_scores[verdict.chosen], student_scores[verdict.rejected]
+    return 1.0 if c > r else 0.5 if c == r else 0.0

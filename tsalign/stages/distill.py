@@ -1,0 +1,98 @@
+"""distill: student_{t+1} = student_t trained on the teacher's pairs (Bradley-Terry), plus replay.
+
+    tsalign stage=distill iteration=0
+    tsalign stage=distill iteration=0 distill.source=human      # fit a reward model on human pairs
+
+A slice of this iteration's teacher pairs is held out; the student's agreement with the teacher on
+it is reported before and after, beside the 'longer answer wins' rule. Saves iter_<t>/distill/student/,
+the HF checkpoint that iteration t+1's rank loads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from tsalign.artifacts import atomic_write_json, read_jsonl
+from tsalign.data import load_human_pairs, split_pairs
+from tsalign.errors import TsalignError
+from tsalign.models import pick_device
+from tsalign.reward_training import pair_accuracy, train_reward_model
+from tsalign.stages.common import Plan, base_model_dir, finished_output, section, student_source, teacher_model_dir
+from tsalign.tracking import Tracker
+
+
+def replay_iterations(t: int, replay: str) -> list[int]:
+    return {"all": list(range(t)), "last": [t - 1] if t > 0 else [], "none": []}[replay]
+
+
+def pair_files(cfg: DictConfig) -> dict[str, Path]:
+    if cfg.distill.source == "human":
+        return {}
+    files = {"pairs": finished_output(cfg, cfg.iteration, "rank", "pairs.jsonl", "distill")}
+    for t in replay_iterations(cfg.iteration, cfg.distill.replay):
+        files[f"replay_{t}"] = finished_output(cfg, t, "rank", "pairs.jsonl", f"distill replay of iteration {t}")
+    return files
+
+
+def plan(cfg: DictConfig) -> Plan:
+    student, label = student_source(cfg, cfg.iteration)
+    inputs = {**pair_files(cfg), **({"student": student} if student else {})}
+    return Plan({**section(cfg, "student", "distill", "seed"), "student_used": label}, inputs)
+
+
+def human_eval_pairs(cfg: DictConfig) -> list[dict]:
+    """The human pairs the teacher's fit held out (when it has a fit recipe): a label source it never saw."""
+    fit = cfg.teacher.fit
+    if fit is None:
+        return []
+    return split_pairs(load_human_pairs(fit.data, cfg.paths.cache), fit.holdout, fit.seed)[1]
+
+
+def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, dict]:
+    d, device = cfg.distill, pick_device(cfg.device)
+    files = pair_files(cfg)
+    if d.source == "human":
+        train, held_out = split_pairs(load_human_pairs(d.human_data, cfg.paths.cache), d.holdout_fraction, cfg.seed)
+        replayed = 0
+    else:
+        current = read_jsonl(files.pop("pairs"), "pairs file")
+        train, held_out = split_pairs(current, float(d.holdout_fraction), cfg.seed + cfg.iteration)
+        replay = [p for f in files.values() for p in read_jsonl(f, "pairs file")]
+        train, replayed = train + replay, len(replay)
+    if not train:
+        raise TsalignError(f"no pairs to distill at iteration {cfg.iteration}: rank mined none; "
+                           "raise generate.num_candidates or data.prompts_per_iteration")
+
+    student_dir = student_source(cfg, cfg.iteration)[0] or base_model_dir(cfg, cfg.student)
+    seed, max_len = cfg.student.seed, d.max_length
+    evaluate = lambda model_dir: pair_accuracy(model_dir, held_out, max_len, device, seed) if held_out else None  # noqa: E731
+    human = human_eval_pairs(cfg) if d.source == "teacher" else []
+    before, human_before = evaluate(student_dir), pair_accuracy(student_dir, human, max_len, device, seed) if human else None
+
+    out = out_dir / "student"
+    log = lambda step, m: tracker.log({f"distill/{k}": v for k, v in m.items()}, step=step)  # noqa: E731
+    train_stats = train_reward_model(student_dir, out, train, epochs=d.epochs, batch_size=d.batch_size,
+                                     learning_rate=d.learning_rate, max_length=max_len, seed=seed,
+                                     use_margin=d.use_margin, device=device, on_step=log)
+    after, human_after = evaluate(out), pair_accuracy(out, human, max_len, device) if human else None
+
+    metrics = {"source": d.source, "train_pairs": len(train), "replayed_pairs": replayed, "held_out_pairs": len(held_out),
+               "label": "teacher" if d.source == "teacher" else "human", "before": before, "after": after,
+               "train": train_stats, "human_held_out": {"before": human_before, "after": human_after}}
+    if human:
+        report = json.loads((teacher_model_dir(cfg) / "fit_report.json").read_text())
+        metrics["human_held_out"]["teacher"] = report["held_out"]
+    metrics_path = atomic_write_json(out_dir / "metrics.json", metrics)
+    agreement = lambda r: None if r is None else round(r["accuracy"], 4)  # noqa: E731
+    counts = {"train_pairs": len(train), "held_out_pairs": len(held_out), "steps": train_stats["steps"],
+              "agreement_before": agreement(before), "agreement_after": agreement(after),
+              "human_accuracy_before": agreement(human_before), "human_accuracy_after": agreement(human_after)}
+    tracker.log({f"distill/{k}": v for k, v in counts.items() if v is not None})
+    print(f"[distill] {len(train)} pairs ({replayed} replayed), {train_stats['steps']} steps; held-out "
+          f"{'teacher agreement' if d.source == 'teacher' else 'human accuracy'} "
+          f"{counts['agreement_before']} -> {counts['agreement_after']} on {len(held_out)} pairs"
+          + (f"; human held-out {counts['human_accuracy_before']} -> {counts['human_accuracy_after']}" if human else ""))
+    return counts, {"student": out, "metrics": metrics_path}, {"config_used": OmegaConf.to_container(cfg.distill)}

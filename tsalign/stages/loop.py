@@ -1,0 +1,120 @@
+"""loop: generate -> rank -> distill -> dpo -> evaluate for every iteration, resumable.
+
+    tsalign stage=loop iterations=3
+    tsalign -m stage=loop seed=1,2 dpo.beta=0.05,0.1     # one experiment dir per sweep job
+
+Each stage runs in its own subprocess (so vLLM's GPU memory is freed before training starts) and a
+finished stage (matching manifest) is skipped without starting one. Killing the loop at any moment
+and rerunning it continues where it stopped: stages write atomically and their manifest last.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from tsalign.artifacts import read_manifest, stage_dir
+from tsalign.config import PIPELINE
+from tsalign.errors import TsalignError
+from tsalign.stages.common import exp_dir, stage_run
+
+_OWN_KEYS = ("stage", "iteration", "iterations", "experiment_dir", "experiment_name")
+
+
+def _die_with_parent() -> None:
+    """Child processes get SIGKILL when the loop dies (even by kill -9): no orphan keeps writing."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def child_overrides(task_overrides: list[str]) -> list[str]:
+    """The user's overrides minus the ones the loop sets itself per stage."""
+    keep = []
+    for o in task_overrides:
+        key = o.lstrip("+~").split("=", 1)[0]
+        if key not in _OWN_KEYS:
+            keep.append(o)
+    return keep
+
+
+def is_done(cfg: DictConfig, stage: str, t: int) -> bool:
+    """Finished with a matching config? A stage whose inputs are not finished is not done."""
+    sub = cfg.copy()
+    sub.iteration = t
+    try:
+        return stage_run(sub, stage, t).is_done()
+    except TsalignError as e:
+        if type(e) is TsalignError and read_manifest(stage_dir(exp_dir(cfg), t, stage)) is None:
+            return False  # upstream not finished yet
+        raise
+
+
+def run_loop(cfg: DictConfig, task_overrides: list[str] | None = None) -> None:
+    overrides = child_overrides(task_overrides or [])
+    hydra_dir = Path(cfg.experiment_dir) / "_hydra"
+    for t in range(cfg.iteration, cfg.iteration + cfg.iterations):
+        for stage in PIPELINE:
+            if is_done(cfg, stage, t):
+                print(f"[loop] iter_{t}/{stage}: done, skipped")
+                continue
+            cmd = [sys.executable, "-m", "tsalign.cli", *overrides, f"stage={stage}", f"iteration={t}",
+                   f"experiment_dir={cfg.experiment_dir}", f"experiment_name={cfg.experiment_name}",
+                   f"hydra.run.dir={hydra_dir}/iter_{t}_{stage}"]
+            print(f"[loop] iter_{t}/{stage}: starting", flush=True)
+            code = subprocess.run(cmd, preexec_fn=_die_with_parent).returncode
+            if code != 0:
+                raise TsalignError(f"iter_{t}/{stage} failed (exit {code}, its message is above); "
+                                   "fix it and rerun the same command: finished stages are kept")
+    print_summary(Path(cfg.experiment_dir), range(cfg.iteration + cfg.iterations))
+
+
+def _get(manifest: dict | None, key: str):
+    return None if manifest is None else manifest.get("counts", {}).get(key)
+
+
+def summary_rows(experiment: Path, iterations) -> list[dict]:
+    rows = []
+    for t in iterations:
+        m = {s: read_manifest(stage_dir(experiment, t, s)) for s in PIPELINE}
+        rows.append({
+            "iter": t, "pairs": _get(m["rank"], "pairs"), "teacher_calls": _get(m["rank"], "teacher_calls"),
+            "agreement_rank": _get(m["rank"], "student_teacher_agreement"),
+            "agreement_distilled": _get(m["evaluate"], "student_agreement"),
+            "dpo_loss": _get(m["dpo"], "train_loss"),
+            "win_rate": _get(m["evaluate"], "win_rate"),
+            "ci": None if m["evaluate"] is None else (_get(m["evaluate"], "ci_low"), _get(m["evaluate"], "ci_high")),
+            "wall_s": {s: (v or {}).get("wall_time_s") for s, v in m.items()},
+        })
+    return rows
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    if isinstance(v, tuple):
+        return "[" + ", ".join(_fmt(x, 2) for x in v) + "]"
+    return str(v)
+
+
+def print_summary(experiment: Path, iterations) -> None:
+    rows = summary_rows(experiment, iterations)
+    head = ["iter", "pairs", "teacher_calls", "agreement_rank", "agreement_distilled", "dpo_loss", "win_rate", "ci"]
+    table = [head] + [[_fmt(r[h]) for h in head] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    print(f"\nTS-Align summary: {experiment}")
+    for row in table:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    print("stage wall times (s): " + "; ".join(
+        f"iter_{r['iter']}: " + ", ".join(f"{s} {_fmt(w, 1)}" for s, w in r["wall_s"].items()) for r in rows))
+    plots = sorted(experiment.glob("iter_*/evaluate/progress.png"))
+    if plots:
+        print(f"plot: {plots[-1]}")

@@ -1,0 +1,139 @@
+"""rank: the student scores all K candidates; the teacher re-ranks a shortlist; pairs come out.
+
+    tsalign stage=rank iteration=0                      # student best vs worst -> teacher (TS-Align)
+    tsalign stage=rank iteration=0 rank.selection=all experiment_name=teacher_only rank.candidates_from=default
+                                                        # teacher-only baseline on the same candidates
+
+Writes iter_<t>/rank/scores.jsonl (every student score, every teacher score), pairs.jsonl (TRL's
+conversational preference format + margin and provenance) and metrics.json.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from tsalign.artifacts import atomic_write_json, atomic_write_jsonl, read_jsonl, read_manifest, stage_dir
+from tsalign.errors import TsalignError
+from tsalign.selection import decide, shortlist, student_agrees
+from tsalign.stages.common import (Plan, base_model_dir, finished_output, open_scorer, section, student_source,
+                                   teacher_model_dir)
+from tsalign.tracking import Tracker
+
+
+def candidates_file(cfg: DictConfig) -> Path:
+    source = cfg.rank.candidates_from
+    if not source:
+        return finished_output(cfg, cfg.iteration, "generate", "candidates.jsonl", "rank")
+    other = Path(source) if Path(source).is_dir() else Path(cfg.paths.outputs) / source
+    path = stage_dir(other, cfg.iteration, "generate") / "candidates.jsonl"
+    if read_manifest(path.parent) is None:
+        raise TsalignError(f"rank.candidates_from={source}: {path} is not a finished generate output")
+    return path
+
+
+def plan(cfg: DictConfig) -> Plan:
+    candidates = candidates_file(cfg)
+    student, label = student_source(cfg, cfg.iteration)
+    inputs = {"candidates": candidates, **({"student": student} if student else {})}
+    return Plan({**section(cfg, "student", "teacher", "rank", "seed"), "student_used": label}, inputs)
+
+
+def load_candidates(path: Path) -> list[dict]:
+    rows = read_jsonl(path, "candidates file")
+    for n, row in enumerate(rows, 1):
+        cands = row.get("candidates")
+        if not isinstance(row.get("prompt"), list) or not isinstance(cands, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("text"), str) for c in cands):
+            raise TsalignError(f"{path}:{n}: not a candidates row (needs prompt messages and candidates[].text); "
+                               "rerun `tsalign stage=generate` with redo=true")
+    return rows
+
+
+def describe(values: list[float]) -> dict:
+    if not values:
+        return {}
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "min": min(values), "max": max(values)}
+
+
+def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, dict]:
+    rows = load_candidates(candidates_file(cfg))
+    prompts = [r["prompt"] for r in rows]
+    texts = [[c["text"] for c in r["candidates"]] for r in rows]
+    strategy, rng = cfg.rank.selection, random.Random(cfg.seed + cfg.iteration)
+
+    student_dir, student_label = student_source(cfg, cfg.iteration)
+    student = open_scorer(cfg, cfg.student, student_dir or base_model_dir(cfg, cfg.student))
+    student_scores = student.score_groups(prompts, texts)
+    student_stats = dict(student.stats)
+    student.close()
+    shortlists = [shortlist(t, s, strategy, cfg.rank.shortlist_m, rng) for t, s in zip(texts, student_scores)]
+
+    teacher_scores: list[list[float]] = [[] for _ in rows]
+    teacher_stats: dict = {"calls": 0, "seconds": 0.0, "truncated": 0}
+    if strategy != "student_only":
+        asked = [i for i, s in enumerate(shortlists) if s]
+        teacher = open_scorer(cfg, cfg.teacher, teacher_model_dir(cfg))
+        verdicts = teacher.score_groups([prompts[i] for i in asked], [[texts[i][k] for k in shortlists[i]] for i in asked])
+        for i, v in zip(asked, verdicts):
+            teacher_scores[i] = v
+        teacher_stats = {k: v for k, v in teacher.stats.items() if k != "first_position_picks"}
+        if hasattr(teacher, "first_position_rate"):
+            teacher_stats["first_position_rate"] = teacher.first_position_rate
+        teacher.close()
+
+    score_rows, pairs, no_pair, agreement = [], [], {"too_few_distinct": 0, "tie": 0}, []
+    for i, row in enumerate(rows):
+        judge = [student_scores[i][k] for k in shortlists[i]] if strategy == "student_only" else teacher_scores[i]
+        verdict = decide(shortlists[i], judge, cfg.rank.tie_threshold) if shortlists[i] else None
+        if not shortlists[i]:
+            no_pair["too_few_distinct"] += 1
+        elif verdict is None:
+            no_pair["tie"] += 1
+        score_rows.append({"prompt_id": row["prompt_id"], "student_scores": student_scores[i],
+                           "shortlist": shortlists[i], "teacher_scores": teacher_scores[i],
+                           "chosen": verdict.chosen if verdict else None,
+                           "rejected": verdict.rejected if verdict else None})
+        if verdict is None:
+            continue
+        if strategy != "student_only":
+            agreement.append(student_agrees(student_scores[i], verdict))
+        pairs.append({
+            "prompt_id": row["prompt_id"], "prompt": row["prompt"],
+            "chosen": [{"role": "assistant", "content": texts[i][verdict.chosen]}],
+            "rejected": [{"role": "assistant", "content": texts[i][verdict.rejected]}],
+            "margin": verdict.margin, "chosen_index": verdict.chosen, "rejected_index": verdict.rejected,
+            "iteration": cfg.iteration, "selection": strategy, "judge": cfg.student.name
+            if strategy == "student_only" else cfg.teacher.name, "student": student_label,
+        })
+
+    metrics = {
+        "prompts": len(rows), "candidates": sum(len(t) for t in texts), "pairs": len(pairs),
+        "no_pair": no_pair, "selection": strategy,
+        "student_calls": student_stats["calls"], "teacher_calls": teacher_stats["calls"],
+        "teacher_fraction_seen": teacher_stats["calls"] / max(sum(len(t) for t in texts), 1),
+        "student_teacher_agreement": statistics.fmean(agreement) if agreement else None,
+        "agreement_pairs": len(agreement),
+        "student_s": round(student_stats["seconds"], 2), "teacher_s": round(teacher_stats["seconds"], 2),
+        "truncated": {"student": student_stats["truncated"], "teacher": teacher_stats.get("truncated", 0)},
+        "student_scores": describe([s for ss in student_scores for s in ss]),
+        "teacher_scores": describe([s for ts in teacher_scores for s in ts]),
+        "mean_margin": statistics.fmean(p["margin"] for p in pairs) if pairs else None,
+        "chosen_longer_rate": statistics.fmean(
+            len(p["chosen"][0]["content"]) > len(p["rejected"][0]["content"]) for p in pairs) if pairs else None,
+    }
+    if "first_position_rate" in teacher_stats:
+        metrics["judge_first_position_rate"] = teacher_stats["first_position_rate"]
+    outputs = {"scores": atomic_write_jsonl(out_dir / "scores.jsonl", score_rows),
+               "pairs": atomic_write_jsonl(out_dir / "pairs.jsonl", pairs),
+               "metrics": atomic_write_json(out_dir / "metrics.json", metrics)}
+    tracker.log({f"rank/{k}": v for k, v in metrics.items()})
+    agree = metrics["student_teacher_agreement"]
+    print(f"[rank] {len(pairs)} pairs from {len(rows)} prompts ({no_pair}), teacher calls {teacher_stats['calls']}"
+          f" (student {student_stats['calls']}), agreement {'n/a' if agree is None else f'{agree:.2f}'}")
+    counts = {k: metrics[k] for k in ("prompts", "candidates", "pairs", "student_calls", "teacher_calls",
+                                      "student_teacher_agreement", "student_s", "teacher_s")}
+    return counts, outputs, {"no_pair": no_pair}

@@ -1,0 +1,33 @@
+"""Win rates and intervals for evaluation (unit-tested on hand-made verdicts)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+
+def outcome(delta: float, tie_threshold: float = 0.0) -> float:
+    """1 win, 0.5 tie, 0 loss for a score difference (policy - base)."""
+    return 1.0 if delta > tie_threshold else 0.0 if delta < -tie_threshold else 0.5
+
+
+def mean_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and its normal-approximation interval (the CLT; n >= ~30 for it to mean much)."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    mean = statistics.fmean(values)
+    if n == 1:
+        return mean, -math.inf, math.inf
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    half = z * statistics.stdev(values) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def win_rate(outcomes: list[float], confidence: float = 0.95) -> dict:
+    """Win / tie / loss counts and the win rate (ties count half) with an interval clipped to [0, 1]."""
+    mean, low, high = mean_interval(outcomes, confidence)
+    return {"n": len(outcomes), "win": sum(o == 1.0 for o in outcomes), "tie": sum(o == 0.5 for o in outcomes),
+            "loss": sum(o == 0.0 for o in outcomes), "win_rate": mean,
+            "ci_low": max(0.0, low) if outcomes else math.nan, "ci_high": min(1.0, high) if outcomes else math.nan,
+            "confidence": confidence}
