@@ -190,10 +190,10 @@ class StageRun:
         old_inputs = {k: v["sha256"] for k, v in old.get("inputs", {}).items()}
         new_inputs = {k: v["sha256"] for k, v in self.input_fingerprints().items()}
         changed += [f"input:{k}" for k in sorted(set(old_inputs) | set(new_inputs)) if old_inputs.get(k) != new_inputs.get(k)]
-        if not changed:
-            return True
         if self.redo:
             return False
+        if not changed:
+            return True
         shown = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
         raise ConfigChanged(
             f"{self.directory} was made with a different config or inputs (changed: {shown}); "
@@ -258,12 +258,20 @@ class PartialRows:
             atomic_write_text(stamp, h)
         self.rows: dict[str, dict] = {}
         if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            data, good = self.path.read_bytes(), 0
+            for line in data.splitlines(keepends=True):
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, UnicodeDecodeError):
                     break  # a line cut by a crash: everything after it is redone
+                if not line.endswith(b"\n"):
+                    break  # complete JSON but no newline: appending would glue the next row onto it
                 self.rows[row[key]] = row
+                good += len(line)
+            if good < len(data):  # cut the torn tail off so that rows appended later can be read back
+                with self.path.open("r+b") as f:
+                    f.truncate(good)
+                    os.fsync(f.fileno())
 
     def __contains__(self, key: str) -> bool:
         return key in self.rows

@@ -20,7 +20,7 @@ PIPELINE = ("generate", "rank", "distill", "dpo", "evaluate")
 class FitSpec:
     """How to fit a reward model on human preference pairs before first use (cached by content)."""
 
-    data: str = "llamafactory_dpo"  # human pairs: llamafactory_dpo | a local JSON/JSONL file
+    data: Optional[str] = None  # human pairs: llamafactory_dpo | a local JSON/JSONL file; null = no fit
     holdout: int = 30  # pairs held out to report accuracy
     epochs: int = 2
     batch_size: int = 8
@@ -42,7 +42,9 @@ class ModelSpec:
     seed: int = 0  # init seed of a tiny model or of a new reward head
     dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
     trust_remote_code: bool = False
-    fit: Optional[FitSpec] = None  # reward models only: fit on human pairs first (e.g. the CPU teacher)
+    # reward models only: fit on human pairs first when fit.data is set (the CPU teacher); a typed node, never
+    # null, so `teacher.fit.data=...` works on the command line
+    fit: FitSpec = field(default_factory=FitSpec)
     judge_prompt: Optional[str] = None  # judges only: template with {prompt}, {response_a}, {response_b}
     judge_choices: List[str] = field(default_factory=lambda: ["A", "B"])
     max_length: int = 512  # tokens a scorer reads (prompt truncated from the left, response kept)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tsalign.artifacts import atomic_dir, atomic_write_json, config_hash
+from tsalign.artifacts import atomic_dir, atomic_write_json, config_hash, fingerprint
 from tsalign.losses import bradley_terry_loss, pairwise_accuracy
 from tsalign.models import load_reward_model, load_tokenizer
 from tsalign.scoring.reward_model import RewardModelScorer, collate, encode_pair_text
@@ -100,7 +100,9 @@ def fitted_reward_model(base_dir: Path, fit: dict, cache_dir: Path, name: str, d
     """A reward model fitted once on human pairs (e.g. the CPU teacher); cached by its recipe."""
     from tsalign.data import load_human_pairs, split_pairs
 
-    out = Path(cache_dir) / "fitted" / f"{name}-{config_hash([str(base_dir), fit, head_seed])}"
+    data = Path(str(fit["data"])).expanduser()
+    key = [str(base_dir), fit, head_seed] + ([fingerprint(data)] if data.is_file() else [])  # a local file: its content
+    out = Path(cache_dir) / "fitted" / f"{name}-{config_hash(key)}"
     if (out / "fit_report.json").is_file():
         return out
     train, held_out = split_pairs(load_human_pairs(fit["data"], cache_dir), fit["holdout"], fit["seed"])

@@ -42,9 +42,10 @@ class HFSampler:
     def generate(self, prompts: list[list[dict]], params: SamplingParams) -> list[list[Completion]]:
         encoded = [chat_prompt_ids(self.tokenizer, m, params.max_prompt_tokens) for m in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i][0]))
-        per_call = max(1, self.batch_size // params.n)  # prompts per generate() call
-        results: list[list[Completion] | None] = [None] * len(prompts)
         sample = params.temperature > 0
+        n = params.n if sample else 1  # greedy: one decode per prompt, copied K times (transformers refuses K>1)
+        per_call = max(1, self.batch_size // n)  # prompts per generate() call
+        results: list[list[Completion] | None] = [None] * len(prompts)
         chunks = [order[i : i + per_call] for i in range(0, len(order), per_call)]
         for chunk_no, chunk in enumerate(tqdm(chunks, desc="generate", unit="batch", leave=False)):
             batch = self.tokenizer.pad({"input_ids": [encoded[i][0] for i in chunk]}, return_tensors="pt")
@@ -54,12 +55,12 @@ class HFSampler:
             out = self.model.generate(
                 **batch, do_sample=sample, temperature=params.temperature if sample else None,
                 top_p=params.top_p if sample else None, top_k=None, max_new_tokens=params.max_new_tokens,
-                num_return_sequences=params.n, pad_token_id=self.tokenizer.pad_token_id,
+                num_return_sequences=n, pad_token_id=self.tokenizer.pad_token_id,
             )
             self.stats["generate_s"] += time.perf_counter() - t0
             new = out[:, batch["input_ids"].shape[1] :].tolist()
             for j, i in enumerate(chunk):
-                rows = new[j * params.n : (j + 1) * params.n]
+                rows = new[j * n : (j + 1) * n] * (params.n // n)
                 results[i] = [self._decode(r, encoded[i][1]) for r in rows]
                 self.stats["generated_tokens"] += sum(c.num_tokens for c in results[i])
         return results  # type: ignore[return-value]

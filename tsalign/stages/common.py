@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,7 @@ def run_stage(cfg: DictConfig, name: str) -> dict:
         finally:
             tracker.finish()
         manifest = run.finish(counts, outputs, extra)
+        shutil.rmtree(run.directory / "_work", ignore_errors=True)  # resume state, no longer needed
     print(f"[tsalign] iter_{cfg.iteration}/{name}: finished in {time.time() - t0:.1f}s -> {run.directory}")
     return manifest
 
@@ -115,7 +117,7 @@ def run_stage(cfg: DictConfig, name: str) -> dict:
 def teacher_model_dir(cfg: DictConfig) -> Path:
     """The teacher's folder; a teacher with a `fit` recipe is fitted on human pairs once and cached."""
     base = base_model_dir(cfg, cfg.teacher)
-    if cfg.teacher.fit is None:
+    if not cfg.teacher.fit.data:
         return base
     from tsalign.models import pick_device
     from tsalign.reward_training import fitted_reward_model

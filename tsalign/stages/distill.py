@@ -46,7 +46,7 @@ def plan(cfg: DictConfig) -> Plan:
 def human_eval_pairs(cfg: DictConfig) -> list[dict]:
     """The human pairs the teacher's fit held out (when it has a fit recipe): a label source it never saw."""
     fit = cfg.teacher.fit
-    if fit is None:
+    if not fit.data:
         return []
     return split_pairs(load_human_pairs(fit.data, cfg.paths.cache), fit.holdout, fit.seed)[1]
 

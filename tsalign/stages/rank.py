@@ -114,7 +114,8 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
         "prompts": len(rows), "candidates": sum(len(t) for t in texts), "pairs": len(pairs),
         "no_pair": no_pair, "selection": strategy,
         "student_calls": student_stats["calls"], "teacher_calls": teacher_stats["calls"],
-        "teacher_fraction_seen": teacher_stats["calls"] / max(sum(len(t) for t in texts), 1),
+        "teacher_fraction_seen": (0 if strategy == "student_only" else sum(len(s) for s in shortlists))
+        / max(sum(len(t) for t in texts), 1),
         "student_teacher_agreement": statistics.fmean(agreement) if agreement else None,
         "agreement_pairs": len(agreement),
         "student_s": round(student_stats["seconds"], 2), "teacher_s": round(teacher_stats["seconds"], 2),

@@ -1,0 +1,106 @@
+"""User mistakes end in one clear line on stderr and a non-zero exit, never a traceback or half a stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def _fail(run_cli, tmp_path, *args):
+    out = tmp_path / "outputs"
+    done = run_cli(["model=tiny", f"paths.outputs={out}", *args], cwd=tmp_path)
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert not list(out.rglob("candidates.jsonl")) and not list(out.rglob("manifest.json"))
+    return done
+
+
+def _tsalign_error(done) -> str:
+    """The one `tsalign: error:` line, which is also the last thing on stderr."""
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("tsalign: error:")]
+    assert len(errors) == 1, done.stderr
+    assert lines[-1] == errors[0], done.stderr
+    assert done.returncode == 2
+    return errors[0]
+
+
+def test_missing_prompt_file(run_cli, tmp_path):
+    missing = tmp_path / "nowhere" / "prompts.jsonl"
+    line = _tsalign_error(_fail(run_cli, tmp_path, "data=file", f"data.path={missing}"))
+    assert str(missing) in line and "data.path" in line
+
+
+def test_data_file_without_path(run_cli, tmp_path):
+    line = _tsalign_error(_fail(run_cli, tmp_path, "data=file"))
+    assert "data.path" in line
+
+
+def test_malformed_jsonl_prompt_file(run_cli, tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    rows = [json.dumps({"instruction": f"question {i}"}) for i in range(12)]
+    rows[6] = '{"instruction": "broken'
+    path.write_text("\n".join(rows) + "\n")
+    line = _tsalign_error(_fail(run_cli, tmp_path, "data=file", f"data.path={path}"))
+    assert f"{path}:7" in line
+
+
+def test_prompt_file_without_the_field(run_cli, tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}"}) + "\n" for i in range(12)))
+    line = _tsalign_error(_fail(run_cli, tmp_path, "data=file", f"data.path={path}"))
+    assert "'instruction'" in line and "data.prompt_field" in line
+
+
+@pytest.mark.parametrize("path", ["/nonexistent/model", "nobody/no-such-model", "pkg://no_such_pkg_xyz/model.gguf"])
+def test_unknown_model(run_cli, tmp_path, path):
+    line = _tsalign_error(_fail(run_cli, tmp_path, f"policy.path={path}"))
+    assert path.split("/")[-1] in line or "no_such_pkg_xyz" in line
+
+
+def test_folder_that_is_not_a_model(run_cli, tmp_path):
+    folder = tmp_path / "not_a_model"
+    folder.mkdir()
+    line = _tsalign_error(_fail(run_cli, tmp_path, f"policy.path={folder}"))
+    assert "config.json" in line
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("sampler.nope=1", "sampler.nope"),
+    ("sampler.temperature=abc", "sampler.temperature"),
+    ("sampler=nope", "nope"),
+])
+def test_bad_override_is_hydras_short_error(run_cli, tmp_path, override, needle):
+    done = _fail(run_cli, tmp_path, override)
+    assert needle in done.stderr.splitlines()[0] + done.stderr
+    assert len(done.stderr.strip().splitlines()) < 12  # the short form, not a stack trace
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("sampler.backend=foo", "sampler.backend=foo is not one of: hf, vllm"),
+    ("iteration=-1", "iteration must be >= 0"),
+])
+def test_bad_choice_is_validated(run_cli, tmp_path, override, needle):
+    line = _tsalign_error(_fail(run_cli, tmp_path, override))
+    assert needle in line
+
+
+def test_iteration_without_upstream(run_cli, tmp_path):
+    line = _tsalign_error(_fail(run_cli, tmp_path, "iteration=1"))
+    assert "stage=dpo" in line
+
+
+def test_changed_config_needs_redo(run_cli, tmp_path):
+    out = tmp_path / "outputs"
+    ok = run_cli(["model=tiny", f"paths.outputs={out}", "data.max_prompts=1", "generate.num_candidates=1",
+                  "sampler.max_new_tokens=2"], cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    manifest = out / "default" / "iter_0" / "generate" / "manifest.json"
+    assert manifest.is_file()
+    before = manifest.read_bytes()
+    done = run_cli(["model=tiny", f"paths.outputs={out}", "data.max_prompts=1", "generate.num_candidates=1",
+                    "sampler.max_new_tokens=3"], cwd=tmp_path)
+    line = _tsalign_error(done)
+    assert "redo=true" in line and "sampler.max_new_tokens" in line
+    assert manifest.read_bytes() == before

