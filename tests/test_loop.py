@@ -1,0 +1,152 @@
+"""The full pipeline on tiny models: evaluate, stage=loop (resume after kill -9 between and inside
+stages), both multirun forms, and wandb offline runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli, run_stage_inprocess
+
+from tsalign.config import PIPELINE
+
+FAST = ["model=tiny", "dpo.max_steps=2", "dpo.save_steps=1", "evaluate.control=true", "sampler.max_new_tokens=8"]
+
+
+def manifest(exp: Path, t: int, stage: str) -> dict | None:
+    p = exp / f"iter_{t}" / stage / "manifest.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def leftovers(exp: Path) -> list[Path]:
+    """Temp files of atomic writes, and stage files in a directory without a manifest."""
+    temp = [p for p in exp.rglob("*.tmp") if p.exists()]
+    half = [d for d in exp.glob("iter_*/*") if d.is_dir() and not (d / "manifest.json").exists()
+            and any(f.is_file() and not f.name.startswith(".") for f in d.iterdir())]
+    return temp + half
+
+
+@pytest.fixture(scope="module")
+def looped(tmp_path_factory):
+    """One finished `tsalign stage=loop iterations=1` on tiny models (subprocess per stage)."""
+    out = tmp_path_factory.mktemp("loop")
+    done = run_cli([*FAST, f"paths.outputs={out}", "stage=loop", "iterations=1"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / "default", done
+
+
+def test_loop_runs_every_stage_and_prints_summary(looped):
+    exp, done = looped
+    for stage in PIPELINE:
+        assert manifest(exp, 0, stage) is not None, stage
+    assert "TS-Align summary" in done.stdout and "win_rate" in done.stdout
+    assert "plot:" in done.stdout and (exp / "iter_0" / "evaluate" / "progress.png").is_file()
+    assert not leftovers(exp)
+
+
+def test_evaluate_metrics_are_consistent(looped):
+    exp, _ = looped
+    m = json.loads((exp / "iter_0" / "evaluate" / "metrics.json").read_text())
+    assert m["n"] == 4 and m["win"] + m["tie"] + m["loss"] == 4
+    assert m["win_rate"] == pytest.approx((m["win"] + 0.5 * m["tie"]) / 4)
+    assert 0 <= m["ci_low"] <= m["win_rate"] <= m["ci_high"] <= 1
+    assert m["control"]["n"] == 4 and m["policy"] == "pi_1"
+    rows = [json.loads(line) for line in (exp / "iter_0" / "evaluate" / "judgements.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(len(r["teacher"]) == 2 for r in rows)
+    # the base answers are cached for later iterations
+    assert list((exp / "_eval_answers").glob("base-*.jsonl"))
+
+
+def test_rerun_of_finished_loop_starts_no_stage(looped):
+    exp, _ = looped
+    before = {s: manifest(exp, 0, s)["started_at"] for s in PIPELINE}
+    t0 = time.time()
+    again = run_cli([*FAST, f"paths.outputs={exp.parent}", "stage=loop", "iterations=1"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("done, skipped") == len(PIPELINE)
+    assert "starting" not in again.stdout
+    assert {s: manifest(exp, 0, s)["started_at"] for s in PIPELINE} == before
+    assert time.time() - t0 < 60
+
+
+def _kill_when(cmd: list[str], ready, timeout: float = 600) -> None:
+    """Start the loop, wait until `ready()` holds, then kill -9 the loop process (only it)."""
+    env = {**os.environ}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "tsalign.cli", *cmd], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, "the loop ended before the kill point"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1.0)  # the stage child dies with its parent (PR_SET_PDEATHSIG)
+
+
+@pytest.mark.parametrize("kill_point", ["between", "inside_dpo"])
+def test_loop_resumes_after_kill_9(tmp_path, kill_point):
+    exp = tmp_path / "default"
+    cmd = [*FAST, "dpo.max_steps=6", f"paths.outputs={tmp_path}", "stage=loop", "iterations=1"]
+    if kill_point == "between":
+        ready = lambda: manifest(exp, 0, "rank") is not None  # noqa: E731
+    else:  # a DPO step checkpoint exists but DPO is not finished
+        ready = lambda: any((exp / "iter_0" / "dpo" / "_work" / "checkpoints").glob("checkpoint-*"))  # noqa: E731
+    _kill_when(cmd, ready)
+    assert manifest(exp, 0, "evaluate") is None
+    finished = {s: manifest(exp, 0, s) for s in PIPELINE if manifest(exp, 0, s)}
+    assert "generate" in finished and "rank" in finished
+    assert not [p for p in exp.rglob("*.tmp")]
+
+    done = run_cli(cmd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for s, m in finished.items():  # finished work is not redone
+        assert manifest(exp, 0, s)["started_at"] == m["started_at"], s
+        assert f"iter_0/{s}: done, skipped" in done.stdout
+    assert manifest(exp, 0, "evaluate") is not None
+    assert not leftovers(exp)
+    if kill_point == "inside_dpo":
+        counts = manifest(exp, 0, "dpo")["counts"]
+        assert counts.get("resumed_from_step", 0) >= 1, counts
+
+
+def test_multirun_in_pipeline_order_shares_one_experiment(tmp_path):
+    done = run_cli(["-m", "model=tiny", "dpo.max_steps=1", "sampler.max_new_tokens=8", f"paths.outputs={tmp_path}",
+                    "iteration=0,1", "stage=generate,rank,distill,dpo"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    exp = tmp_path / "default"
+    for t in (0, 1):
+        for s in ("generate", "rank", "distill", "dpo"):
+            assert manifest(exp, t, s) is not None, (t, s)
+    assert manifest(exp, 1, "generate")["config"]["policy_used"] == "pi_1"
+    assert manifest(exp, 1, "rank")["config"]["student_used"] == "student_1"
+    assert manifest(exp, 1, "generate")["inputs"]["policy"]["path"].endswith("iter_0/dpo/policy")
+
+
+def test_multirun_sweep_gives_each_job_its_own_experiment(tmp_path):
+    done = run_cli(["-m", *FAST, "dpo.max_steps=1", f"paths.outputs={tmp_path}", "stage=loop",
+                    "seed=1,2", "dpo.beta=0.05"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    dirs = sorted(p.name for p in (tmp_path / "default").iterdir() if p.is_dir() and not p.name.startswith("_"))
+    assert dirs == ["dpo.beta=0.05,seed=1", "dpo.beta=0.05,seed=2"], dirs
+    for d in dirs:
+        exp = tmp_path / "default" / d
+        assert manifest(exp, 0, "evaluate") is not None
+        assert manifest(exp, 0, "dpo")["config"]["dpo"]["beta"] == 0.05
+    assert manifest(tmp_path / "default" / dirs[0], 0, "generate")["config"]["seed"] == 1
+    assert done.stdout.count("TS-Align summary") == 2
+
+
+def test_wandb_offline_runs_appear(tmp_path):
+    cfg, _ = run_stage_inprocess("generate", tmp_path, ["logger=wandb"])
+    run_stage_inprocess("rank", tmp_path, ["logger=wandb"])
+    runs = sorted((Path(cfg.experiment_dir) / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2, runs
+    assert all(any(r.glob("*.wandb")) for r in runs)

@@ -1,0 +1,197 @@
+"""dpo: pi_{t+1} = DPO(pi_t; iteration t's preference pairs), with TRL's DPOTrainer.
+
+    tsalign stage=dpo iteration=0
+    tsalign stage=dpo iteration=1 dpo.reference=initial dpo.lora=true dpo.max_steps=20
+
+Reads iter_<t>/rank/pairs.jsonl (TRL's conversational prompt/chosen/rejected) and pi_t (the base policy
+at t=0, else iter_<t-1>/dpo/policy). Prompts too long for dpo.max_length lose their start, never the
+response. The reference is pi_t (dpo.reference=previous; with LoRA, pi_t with the adapter disabled) or
+pi_0 (initial). Step checkpoints in _work/checkpoints let an interrupted run resume where it stopped.
+Writes iter_<t>/dpo/policy/: a plain HF checkpoint (LoRA merged) + tokenizer, which generate loads.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from tsalign.artifacts import atomic_dir, atomic_write_text, config_hash, fingerprint, read_jsonl
+from tsalign.errors import TsalignError
+from tsalign.models import load_causal_lm, load_tokenizer, pick_device
+from tsalign.preference import fit_pair, to_trl_row
+from tsalign.stages.common import Plan, base_model_dir, finished_output, policy_source, section
+from tsalign.tracking import Tracker
+
+
+def reference_label(cfg: DictConfig, policy_label: str) -> str:
+    if cfg.dpo.reference == "initial":
+        return cfg.policy.name
+    return f"{policy_label} (adapter disabled)" if cfg.dpo.lora else policy_label
+
+
+def plan(cfg: DictConfig) -> Plan:
+    pairs = finished_output(cfg, cfg.iteration, "rank", "pairs.jsonl", "dpo")
+    policy, label = policy_source(cfg, cfg.iteration)
+    config = {**section(cfg, "policy", "dpo", "optimizer", "seed"), "policy_used": label,
+              "reference_used": reference_label(cfg, label)}
+    for key in ("save_steps", "logging_steps"):  # bookkeeping: the trained policy does not depend on them
+        del config["dpo"][key]
+    return Plan(config, {"pairs": pairs, **({"policy": policy} if policy else {})})
+
+
+def training_args(cfg: DictConfig, output_dir: Path, device: str, report_to: list[str]):
+    import torch
+    from trl import DPOConfig
+
+    d, o = cfg.dpo, cfg.optimizer
+    gpu = device == "cuda"
+    if not 0 <= o.warmup_ratio < 1:
+        raise TsalignError(f"optimizer.warmup_ratio={o.warmup_ratio} must be in [0, 1)")
+    return DPOConfig(
+        output_dir=str(output_dir), beta=d.beta, loss_type=[d.loss_type], max_length=d.max_length,
+        num_train_epochs=d.epochs, max_steps=d.max_steps, per_device_train_batch_size=d.batch_size,
+        gradient_accumulation_steps=d.gradient_accumulation_steps, learning_rate=o.learning_rate,
+        lr_scheduler_type=o.lr_scheduler_type, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
+        warmup_steps=o.warmup_ratio,  # transformers 5 has no warmup_ratio: a float below 1 is a ratio
+        optim=o.name, logging_steps=d.logging_steps, seed=cfg.seed,
+        save_strategy="steps", save_steps=d.save_steps, save_total_limit=2, report_to=report_to,
+        use_cpu=not gpu, bf16=gpu and torch.cuda.is_bf16_supported(), activation_checkpointing=gpu,
+        disable_tqdm=True,
+    )
+
+
+def make_trainer(cfg: DictConfig, model, ref_model, tokenizer, dataset, args):
+    """The DPOTrainer of this stage (its own function so tests can inspect or wrap it)."""
+    import datasets
+    from transformers import PrinterCallback
+    from trl import DPOTrainer
+
+    peft_config = None
+    if cfg.dpo.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.dpo.lora_r, lora_alpha=cfg.dpo.lora_alpha, task_type="CAUSAL_LM",
+                                 target_modules=list(cfg.dpo.lora_target_modules))
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # TRL tokenizes a few hundred rows: no bars for that
+    try:
+        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
+                             processing_class=tokenizer, peft_config=peft_config)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    trainer.remove_callback(PrinterCallback)  # one short line per log instead of the full dict
+    trainer.add_callback(stage_callback())
+    return trainer
+
+
+def stage_callback():
+    """One short line per logged step; and no checkpoint after the last step, where the policy is saved
+    next anyway (a full-model + optimizer checkpoint costs ~14 s and 1.6 GB for SmolLM2-135M)."""
+    from transformers import TrainerCallback
+
+    class StageCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_save = False
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                print(f"[dpo] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+                      f"acc {logs.get('rewards/accuracies', float('nan')):.2f} "
+                      f"margin {logs.get('rewards/margins', float('nan')):.4f}", flush=True)
+
+    return StageCallback()
+
+
+def fresh_checkpoints(directory: Path, stamp: str) -> Path | None:
+    """The latest step checkpoint made under this exact config and input; stale ones are deleted."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    stamp_file = directory.parent / "checkpoints.config"
+    if not stamp_file.is_file() or stamp_file.read_text() != stamp:
+        shutil.rmtree(directory, ignore_errors=True)
+        atomic_write_text(stamp_file, stamp)
+    return get_last_checkpoint(str(directory)) if directory.is_dir() else None
+
+
+def log_stats(history: list[dict]) -> dict:
+    """Means over the logged steps (a resumed run's history includes the steps before the crash)."""
+    steps = [h for h in history if "loss" in h]
+
+    def mean(key: str) -> float | None:
+        return round(sum(h[key] for h in steps) / len(steps), 4) if steps and key in steps[0] else None
+
+    return {"train_loss": mean("loss"), "first_loss": round(steps[0]["loss"], 4) if steps else None,
+            "last_loss": round(steps[-1]["loss"], 4) if steps else None,
+            "reward_accuracy_mean": mean("rewards/accuracies"), "reward_margin_mean": mean("rewards/margins")}
+
+
+def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, dict]:
+    from datasets import Dataset
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # TRL's
+    pairs_path = finished_output(cfg, cfg.iteration, "rank", "pairs.jsonl", "dpo")
+    pairs = read_jsonl(pairs_path, "preference pairs")
+    if not pairs:
+        raise TsalignError(f"no preference pairs in {pairs_path}; rank mined none: raise "
+                           "generate.num_candidates, lower rank.tie_threshold or use more prompts "
+                           "(data.prompts_per_iteration)")
+    policy, label = policy_source(cfg, cfg.iteration)
+    model_dir = policy or base_model_dir(cfg, cfg.policy)
+    device = pick_device(cfg.device)
+    tokenizer = load_tokenizer(model_dir)
+    fitted = [fit_pair(tokenizer, to_trl_row(p), cfg.dpo.max_length) for p in pairs]
+    dataset = Dataset.from_list([row for row, _ in fitted])
+
+    t0 = time.time()
+    model = load_causal_lm(model_dir, cfg.policy.dtype, device)
+    use_cache = model.config.use_cache  # Trainer turns it off for training; the saved policy gets it back
+    ref_dir = base_model_dir(cfg, cfg.policy) if cfg.dpo.reference == "initial" else None
+    ref_model = load_causal_lm(ref_dir, cfg.policy.dtype, device) if ref_dir else None  # None: TRL uses pi_t
+    load_s = time.time() - t0
+
+    ckpt_dir = out_dir / "_work" / "checkpoints"
+    resume = fresh_checkpoints(ckpt_dir, config_hash([plan(cfg).config, fingerprint(pairs_path)]))
+    resumed_step = 0
+    if resume:
+        resumed_step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
+        print(f"[dpo] resuming from {resume} (step {resumed_step})")
+    trainer = make_trainer(cfg, model, ref_model, tokenizer, dataset,
+                           training_args(cfg, ckpt_dir, device, tracker.report_to))
+    t1 = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    train_s = time.time() - t1
+
+    trained = trainer.model.merge_and_unload() if cfg.dpo.lora else trainer.model
+    trained.config.use_cache = use_cache
+    with atomic_dir(out_dir / "policy") as tmp:
+        trained.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir / "_work", ignore_errors=True)
+
+    steps = trainer.state.global_step
+    stats = log_stats(trainer.state.log_history)
+    if stats["train_loss"] is None:  # nothing logged: the mean over this invocation's steps
+        stats["train_loss"] = round(result.training_loss, 4)
+    counts = {
+        "pairs": len(pairs), "trained_pairs": len(trainer.train_dataset),
+        "prompts_cut": sum(c["prompt_cut"] for _, c in fitted),
+        "responses_cut": sum(c["response_cut"] for _, c in fitted),
+        "steps": steps, "resumed_from_step": resumed_step, **stats,
+        "model_load_s": round(load_s, 2), "train_s": round(train_s, 2),
+        "s_per_step": round(train_s / max(steps - resumed_step, 1), 3),
+    }
+    tracker.log({f"dpo/{k}": v for k, v in counts.items() if v is not None})
+    print(f"[dpo] {counts['pairs']} pairs ({counts['prompts_cut']} prompts cut, {counts['responses_cut']} "
+          f"responses cut), {steps} steps, loss {counts['first_loss']} -> {counts['last_loss']}, "
+          f"{counts['s_per_step']} s/step")
+    extra = {"policy": label, "policy_dir": str(model_dir), "reference": cfg.dpo.reference,
+             "reference_model": reference_label(cfg, label), "reference_dir": str(ref_dir or model_dir),
+             "lora": cfg.dpo.lora, "device": device}
+    return counts, {"policy": out_dir / "policy"}, extra
