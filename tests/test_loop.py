@@ -97,8 +97,8 @@ def test_loop_resumes_after_kill_9(tmp_path, kill_point):
     cmd = [*FAST, "dpo.max_steps=6", f"paths.outputs={tmp_path}", "stage=loop", "iterations=1"]
     if kill_point == "between":
         ready = lambda: manifest(exp, 0, "rank") is not None  # noqa: E731
-    else:  # a DPO step checkpoint exists but DPO is not finished
-        ready = lambda: any((exp / "iter_0" / "dpo" / "_work" / "checkpoints").glob("checkpoint-*"))  # noqa: E731
+    else:  # a complete DPO step checkpoint exists (Trainer writes trainer_state.json last), DPO unfinished
+        ready = lambda: any((exp / "iter_0" / "dpo" / "_work" / "checkpoints").glob("checkpoint-*/trainer_state.json"))  # noqa: E731,E501
     _kill_when(cmd, ready)
     assert manifest(exp, 0, "evaluate") is None
     finished = {s: manifest(exp, 0, s) for s in PIPELINE if manifest(exp, 0, s)}
@@ -135,7 +135,9 @@ def test_multirun_sweep_gives_each_job_its_own_experiment(tmp_path):
                     "seed=1,2", "dpo.beta=0.05"])
     assert done.returncode == 0, done.stderr[-3000:]
     dirs = sorted(p.name for p in (tmp_path / "default").iterdir() if p.is_dir() and not p.name.startswith("_"))
-    assert dirs == ["dpo.beta=0.05,seed=1", "dpo.beta=0.05,seed=2"], dirs
+    # Hydra's override_dirname: every override of the job except the pipeline position (stage, iteration)
+    assert len(dirs) == 2 and all("dpo.beta=0.05" in d and "stage=" not in d for d in dirs), dirs
+    assert dirs[0].endswith("seed=1") and dirs[1].endswith("seed=2"), dirs
     for d in dirs:
         exp = tmp_path / "default" / d
         assert manifest(exp, 0, "evaluate") is not None

@@ -117,7 +117,13 @@ def fresh_checkpoints(directory: Path, stamp: str) -> Path | None:
     if not stamp_file.is_file() or stamp_file.read_text() != stamp:
         shutil.rmtree(directory, ignore_errors=True)
         atomic_write_text(stamp_file, stamp)
-    return get_last_checkpoint(str(directory)) if directory.is_dir() else None
+    while directory.is_dir() and (last := get_last_checkpoint(str(directory))):
+        try:  # Trainer writes trainer_state.json last: without a readable one the save was cut by a crash
+            json.loads((Path(last) / "trainer_state.json").read_text())
+            return last
+        except (OSError, json.JSONDecodeError):
+            shutil.rmtree(last, ignore_errors=True)
+    return None
 
 
 def log_stats(history: list[dict]) -> dict:

@@ -44,6 +44,11 @@ def child_overrides(task_overrides: list[str]) -> list[str]:
     return keep
 
 
+def quoted(value: str) -> str:
+    """A Hydra override value that may hold '=' or ',' (sweep dirs do: dpo.beta=0.05,seed=1)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def is_done(cfg: DictConfig, stage: str, t: int) -> bool:
     """Finished with a matching config? A stage whose inputs are not finished is not done."""
     sub = cfg.copy()
@@ -65,8 +70,8 @@ def run_loop(cfg: DictConfig, task_overrides: list[str] | None = None) -> None:
                 print(f"[loop] iter_{t}/{stage}: done, skipped")
                 continue
             cmd = [sys.executable, "-m", "tsalign.cli", *overrides, f"stage={stage}", f"iteration={t}",
-                   f"experiment_dir={cfg.experiment_dir}", f"experiment_name={cfg.experiment_name}",
-                   f"hydra.run.dir={hydra_dir}/iter_{t}_{stage}"]
+                   f"experiment_dir={quoted(cfg.experiment_dir)}", f"experiment_name={quoted(cfg.experiment_name)}",
+                   f"hydra.run.dir={quoted(f'{hydra_dir}/iter_{t}_{stage}')}"]
             print(f"[loop] iter_{t}/{stage}: starting", flush=True)
             code = subprocess.run(cmd, preexec_fn=_die_with_parent).returncode
             if code != 0:
