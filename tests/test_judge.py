@@ -157,3 +157,48 @@ def test_judge_needs_a_prompt_and_distinct_choices(tiny_judge):
     model_dir = Path(tiny_judge.model.name_or_path)
     with pytest.raises(TsalignError, match="two different tokens"):
         JudgeScorer(model_dir, template="{prompt}{response_a}{response_b}", choices=("A", "A"))
+
+
+# ---------------------------------------------------------------- vLLM judge contract (fake module)
+
+
+def test_vllm_judge_contract(tiny_judge, monkeypatch, judge_conf):
+    """The vLLM judge asks one restricted token per order and turns its log-probabilities into P(first)."""
+    import sys
+    import types
+
+    import torch
+
+    calls = {}
+
+    class Logprob:
+        def __init__(self, logprob):
+            self.logprob = logprob
+
+    class LLM:
+        def __init__(self, **kwargs):
+            calls["init"] = kwargs
+
+        def generate(self, prompts, params, use_tqdm=True):
+            calls.setdefault("generate", []).append((prompts, params.kwargs))
+            a, b = params.kwargs["allowed_token_ids"]
+            # the first slot always wins 3:1 -> a purely positional judge
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(
+                logprobs=[{a: Logprob(math.log(0.75)), b: Logprob(math.log(0.25))}])]) for _ in prompts]
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model_dir = tiny_judge.model.name_or_path
+    judge = make_scorer("judge", Path(model_dir), judge_prompt=judge_conf["judge_prompt"],
+                        vllm_options={"tensor_parallel_size": 2})
+    assert calls["init"]["tensor_parallel_size"] == 2 and calls["init"]["model"] == str(model_dir)
+    p = judge.compare([PROMPT], ["4"], ["5"])
+    assert p == [pytest.approx(0.5)]  # position bias cancels across the two orders
+    assert judge.first_position_rate == 1.0 and judge.stats["calls"] == 2
+    (prompts, kwargs), _ = calls["generate"]
+    assert kwargs["max_tokens"] == 1 and kwargs["allowed_token_ids"] == judge.choice_ids
+    assert prompts[0]["prompt_token_ids"] == tiny_judge._render(PROMPT, "4", "5")

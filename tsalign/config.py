@@ -47,6 +47,8 @@ class ModelSpec:
     fit: FitSpec = field(default_factory=FitSpec)
     judge_prompt: Optional[str] = None  # judges only: template with {prompt}, {response_a}, {response_b}
     judge_choices: List[str] = field(default_factory=lambda: ["A", "B"])
+    # judges only: score with vLLM on GPU; these go to vllm.LLM (e.g. {tensor_parallel_size: 4}); null = hf
+    vllm: Optional[Dict[str, Any]] = None
     max_length: int = 512  # tokens a scorer reads (prompt truncated from the left, response kept)
     batch_size: int = 16
 

@@ -10,6 +10,7 @@ A group of m candidates is scored round-robin: score_i = mean_j P(i > j); 0.5 ev
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from pathlib import Path
 
@@ -42,11 +43,14 @@ class JudgeScorer:
         self.tokenizer = load_tokenizer(model_dir, padding_side="left")
         self.model = load_causal_lm(model_dir, dtype=dtype, device=device)
         self.device, self.batch_size, self.max_length, self.template = device, batch_size, max_length, template
+        self.choice_ids = self._choice_ids(choices)
+        self.stats = {"calls": 0, "truncated": 0, "seconds": 0.0, "first_position_picks": 0}
+
+    def _choice_ids(self, choices: tuple[str, str]) -> list[int]:
         ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
         if any(not i for i in ids) or ids[0][0] == ids[1][0]:
             raise TsalignError(f"judge choices {choices} must start with two different tokens")
-        self.choice_ids = [ids[0][0], ids[1][0]]
-        self.stats = {"calls": 0, "truncated": 0, "seconds": 0.0, "first_position_picks": 0}
+        return [ids[0][0], ids[1][0]]
 
     def _clip(self, text: str, budget: int, keep_end: bool) -> str:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -98,3 +102,41 @@ class JudgeScorer:
 
     def close(self) -> None:
         del self.model
+
+
+class VLLMJudgeScorer(JudgeScorer):
+    """The same judge on vLLM (GPU): one-token generations restricted to the two choice tokens, read
+    from their log-probabilities. `options` go to vllm.LLM (tensor_parallel_size, gpu_memory_utilization)."""
+
+    def __init__(self, model_dir: Path, dtype: str = "auto", batch_size: int = 8, max_length: int = 4096,
+                 template: str = "", choices: tuple[str, str] = ("A", "B"), options: dict | None = None):
+        from tsalign.sampling.vllm import import_vllm
+
+        vllm = import_vllm()
+        if not torch.cuda.is_available():
+            raise TsalignError("a vLLM judge needs a CUDA GPU and none is visible; set teacher.vllm=null for the hf judge")
+        self.tokenizer = load_tokenizer(model_dir, padding_side="left")
+        self.batch_size, self.max_length, self.template = batch_size, max_length, template
+        self.choice_ids = self._choice_ids(choices)
+        self._vllm = vllm
+        self.llm = vllm.LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, max_model_len=max_length + 8,
+                            **(options or {}))
+        self.stats = {"calls": 0, "truncated": 0, "seconds": 0.0, "first_position_picks": 0}
+
+    def _p_first(self, items: list[tuple[list[dict], str, str]]) -> list[float]:
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=20,
+                                           allowed_token_ids=list(self.choice_ids))
+        outputs = self.llm.generate([{"prompt_token_ids": self._render(*it)} for it in items], params, use_tqdm=True)
+        out = []
+        for request in outputs:
+            top = request.outputs[0].logprobs[0]  # token id -> Logprob of the one generated position
+            lp = [top[i].logprob if i in top else -math.inf for i in self.choice_ids]
+            m = max(lp)
+            w = [math.exp(x - m) for x in lp]
+            out.append(w[0] / sum(w))
+        self.stats["calls"] += len(items)
+        self.stats["first_position_picks"] += sum(p > 0.5 for p in out)
+        return out
+
+    def close(self) -> None:
+        del self.llm

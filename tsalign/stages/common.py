@@ -132,4 +132,5 @@ def open_scorer(cfg: DictConfig, spec: DictConfig, model_dir: Path):
 
     return make_scorer(spec.kind, model_dir, device=pick_device(cfg.device), dtype=spec.dtype,
                        batch_size=spec.batch_size, max_length=spec.max_length, seed=spec.seed,
-                       judge_prompt=spec.judge_prompt, judge_choices=tuple(spec.judge_choices))
+                       judge_prompt=spec.judge_prompt, judge_choices=tuple(spec.judge_choices),
+                       vllm_options=OmegaConf.to_container(spec.vllm) if spec.vllm is not None else None)
