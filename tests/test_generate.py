@@ -300,7 +300,7 @@ def test_vllm_through_the_generate_stage(fake_vllm, run_stage, tmp_path):
                               outputs=tmp_path / "outputs")
     (llm,) = fake_vllm.llms
     assert llm.kwargs["tensor_parallel_size"] == 2 and llm.kwargs["gpu_memory_utilization"] == 0.6
-    assert llm.kwargs["seed"] == cfg.seed
+    assert llm.kwargs["seed"] == gen.derived_seed(cfg.seed, cfg.iteration)
     sp = llm.chats[0]["sampling_params"].kwargs
     assert sp["n"] == cfg.generate.num_candidates and sp["max_tokens"] == 9
     _check_candidates(cfg, manifest, cfg.data.prompts_per_iteration, cfg.generate.num_candidates)

@@ -70,7 +70,8 @@ def test_score_groups_wiring_maps_pairs_back_to_candidates():
     judge = _LengthJudge()
     groups = [["ccc", "a", "bb"], ["xx", "y"], ["solo"]]
     scores = judge.score_groups([PROMPT] * 3, groups)
-    s = lambda x: 1 / (1 + math.exp(-x))
+    def s(x):
+        return 1 / (1 + math.exp(-x))
     assert scores[0] == pytest.approx([(s(2) + s(1)) / 2, (s(-2) + s(-1)) / 2, (s(1) + s(-1)) / 2])
     assert scores[1] == pytest.approx([s(1), s(-1)])
     assert scores[2] == [0.5]

@@ -18,6 +18,7 @@ import platform
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -27,6 +28,10 @@ from tsalign.errors import TsalignError
 
 MANIFEST = "manifest.json"
 _VERSIONED = ("tsalign", "torch", "transformers", "trl", "accelerate", "peft", "datasets", "hydra-core", "vllm")
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class ConfigChanged(TsalignError):
@@ -53,6 +58,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600: artifacts are shared like any file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -84,10 +90,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:12]}")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)

@@ -51,23 +51,38 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise TsalignError(f"{key}={value} is not one of: {', '.join(allowed)}")
-    for key in ("iteration", "iterations", "generate.num_candidates", "data.prompts_per_iteration"):
+    for key in ("iteration", "iterations", "generate.num_candidates", "data.prompts_per_iteration", "data.eval_prompts",
+                "rank.shortlist_m"):
         if OmegaConf.select(cfg, key) < (0 if key == "iteration" else 1):
             raise TsalignError(f"{key} must be {'>= 0' if key == 'iteration' else '>= 1'}")
 
 
+def swept_keys(hc) -> set[str]:
+    """Keys the multirun sweeps over (several values), read from the sweep's multirun.yaml (written
+    before any job starts, also seen by remote launchers on shared storage), else from argv."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    saved = Path(hc.sweep.dir) / "multirun.yaml"
+    task = list(OmegaConf.load(saved).hydra.overrides.task) if saved.is_file() else [
+        a for a in sys.argv[1:] if not a.startswith("-")]
+    return {o.key_or_group for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()}
+
+
 def experiment_dir(cfg: DictConfig) -> Path:
-    """outputs/<experiment_name>, plus the job's overrides in a sweep (`tsalign -m seed=1,2`)."""
+    """outputs/<experiment_name>; in a sweep (`tsalign -m seed=1,2`) plus the job's swept values
+    (`seed=1`), except the pipeline position (stage, iteration), which shares one experiment."""
     if cfg.experiment_dir:
         return Path(cfg.experiment_dir).resolve()
     root = Path(cfg.paths.outputs) / cfg.experiment_name
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if HydraConfig.initialized():
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         hc = HydraConfig.get()
-        if hc.mode == RunMode.MULTIRUN and hc.job.override_dirname:
-            root = root / hc.job.override_dirname.replace("/", "_")
+        keys = swept_keys(hc) - set(hc.job.config.override_dirname.exclude_keys)
+        job = sorted(o for o in hc.overrides.task if o.lstrip("+~").split("=", 1)[0] in keys)
+        if job:
+            root = root / ",".join(job).replace("/", "_")
     return root.resolve()
 
 

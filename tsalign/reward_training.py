@@ -29,10 +29,12 @@ def response_text(messages_or_text) -> str:
 
 def train_reward_model(model_dir: Path, out_dir: Path, pairs: list[dict], *, epochs: int = 1, batch_size: int = 8,
                        learning_rate: float = 2e-5, max_length: int = 256, seed: int = 0, use_margin: bool = False,
-                       device: str = "cpu", on_step=None) -> dict:
-    """Fine-tune the reward model in `model_dir` on `pairs` and save it to `out_dir` (atomically)."""
+                       device: str = "cpu", on_step=None, init_seed: int | None = None) -> dict:
+    """Fine-tune the reward model in `model_dir` on `pairs` and save it to `out_dir` (atomically).
+    `init_seed` seeds a new reward head (default: `seed`); `seed` the shuffles and dropout."""
     tokenizer = load_tokenizer(model_dir)
-    model = load_reward_model(model_dir, device=device, seed=seed)
+    model = load_reward_model(model_dir, device=device, seed=seed if init_seed is None else init_seed)
+    model.config.pad_token_id = tokenizer.pad_token_id
     encoded, truncated, identical = [], 0, 0
     for p in pairs:
         c, cut_c = encode_pair_text(tokenizer, p["prompt"], response_text(p["chosen"]), max_length)

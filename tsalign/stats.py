@@ -24,10 +24,22 @@ def mean_interval(values: list[float], confidence: float = 0.95) -> tuple[float,
     return mean, mean - half, mean + half
 
 
+def wilson_interval(p: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval: stays inside [0, 1] and keeps a width at p = 0 or 1 or with small n,
+    where the normal interval collapses to a point."""
+    if n == 0:
+        return math.nan, math.nan
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
 def win_rate(outcomes: list[float], confidence: float = 0.95) -> dict:
-    """Win / tie / loss counts and the win rate (ties count half) with an interval clipped to [0, 1]."""
-    mean, low, high = mean_interval(outcomes, confidence)
+    """Win / tie / loss counts and the win rate (ties count half) with its Wilson interval."""
+    rate = statistics.fmean(outcomes) if outcomes else math.nan
+    low, high = wilson_interval(rate, len(outcomes), confidence)
     return {"n": len(outcomes), "win": sum(o == 1.0 for o in outcomes), "tie": sum(o == 0.5 for o in outcomes),
-            "loss": sum(o == 0.0 for o in outcomes), "win_rate": mean,
-            "ci_low": max(0.0, low) if outcomes else math.nan, "ci_high": min(1.0, high) if outcomes else math.nan,
+            "loss": sum(o == 0.0 for o in outcomes), "win_rate": rate, "ci_low": low, "ci_high": high,
             "confidence": confidence}

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from tsalign.models import load_causal_lm, load_tokenizer
 from tsalign.sampling.base import Completion, SamplingParams
@@ -23,7 +22,7 @@ def chat_prompt_ids(tokenizer, messages: list[dict], max_prompt_tokens: int) -> 
 
 class HFSampler:
     def __init__(self, model_dir: Path, dtype: str = "float32", device: str = "cpu", batch_size: int = 16):
-        self.tokenizer = load_tokenizer(model_dir, padding_side="left")
+        self.tokenizer = load_tokenizer(model_dir, padding_side="left", chat=True)
         self.model = load_causal_lm(model_dir, dtype=dtype, device=device)
         self.device = device
         self.batch_size = batch_size
@@ -47,7 +46,7 @@ class HFSampler:
         per_call = max(1, self.batch_size // n)  # prompts per generate() call
         results: list[list[Completion] | None] = [None] * len(prompts)
         chunks = [order[i : i + per_call] for i in range(0, len(order), per_call)]
-        for chunk_no, chunk in enumerate(tqdm(chunks, desc="generate", unit="batch", leave=False)):
+        for chunk_no, chunk in enumerate(chunks):
             batch = self.tokenizer.pad({"input_ids": [encoded[i][0] for i in chunk]}, return_tensors="pt")
             batch = {k: v.to(self.device) for k, v in batch.items()}
             torch.manual_seed(params.seed * 100_003 + chunk_no)  # reproducible per run seed

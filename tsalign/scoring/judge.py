@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import string
 import time
 from pathlib import Path
 
@@ -37,10 +38,22 @@ def round_robin(n: int, prefer: dict[tuple[int, int], float]) -> list[float]:
     return [w / (n - 1) for w in wins]
 
 
+def check_template(template: str) -> None:
+    """A judge prompt must name exactly {prompt}, {response_a}, {response_b} (literal braces doubled)."""
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise TsalignError(f"teacher.judge_prompt is not a valid template ({e}); write literal braces as {{{{ }}}}") from None
+    if fields != {"prompt", "response_a", "response_b"}:
+        raise TsalignError(f"teacher.judge_prompt must use {{prompt}}, {{response_a}} and {{response_b}}, found "
+                           f"{sorted(fields)}")
+
+
 class JudgeScorer:
     def __init__(self, model_dir: Path, device: str = "cpu", dtype: str = "float32", batch_size: int = 8,
                  max_length: int = 1024, template: str = "", choices: tuple[str, str] = ("A", "B")):
-        self.tokenizer = load_tokenizer(model_dir, padding_side="left")
+        self.tokenizer = load_tokenizer(model_dir, padding_side="left", chat=True)
+        check_template(template)
         self.model = load_causal_lm(model_dir, dtype=dtype, device=device)
         self.device, self.batch_size, self.max_length, self.template = device, batch_size, max_length, template
         self.choice_ids = self._choice_ids(choices)
@@ -115,12 +128,13 @@ class VLLMJudgeScorer(JudgeScorer):
         vllm = import_vllm()
         if not torch.cuda.is_available():
             raise TsalignError("a vLLM judge needs a CUDA GPU and none is visible; set teacher.vllm=null for the hf judge")
-        self.tokenizer = load_tokenizer(model_dir, padding_side="left")
+        self.tokenizer = load_tokenizer(model_dir, padding_side="left", chat=True)
+        check_template(template)
         self.batch_size, self.max_length, self.template = batch_size, max_length, template
         self.choice_ids = self._choice_ids(choices)
         self._vllm = vllm
-        self.llm = vllm.LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, max_model_len=max_length + 8,
-                            **(options or {}))
+        options = {"max_model_len": max_length + 8, **(options or {})}
+        self.llm = vllm.LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, **options)
         self.stats = {"calls": 0, "truncated": 0, "seconds": 0.0, "first_position_picks": 0}
 
     def _p_first(self, items: list[tuple[list[dict], str, str]]) -> list[float]:

@@ -55,6 +55,7 @@ class RewardModelScorer:
                  max_length: int = 512, seed: int = 0):
         self.tokenizer = load_tokenizer(model_dir, padding_side="right")
         self.model = load_reward_model(model_dir, dtype=dtype, device=device, seed=seed)
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id  # where the classifier reads the reward
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
         self.stats = {"calls": 0, "truncated": 0, "seconds": 0.0}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import shutil
@@ -90,6 +91,12 @@ def stage_run(cfg: DictConfig, name: str, iteration: int | None = None) -> Stage
     return StageRun(stage_dir(exp_dir(cfg), t, name), name, t, config, plan.inputs, cfg.redo)
 
 
+def work_stamp(cfg: DictConfig, name: str) -> dict:
+    """What resumable partial work (_work/) is valid for: this config and these exact inputs."""
+    run = stage_run(cfg, name)
+    return {"config": run.config, "inputs": {k: v["sha256"] for k, v in run.input_fingerprints().items()}}
+
+
 def run_stage(cfg: DictConfig, name: str) -> dict:
     """Skip if done; else run the stage, write its manifest last, and track it."""
     module = stage_module(name)
@@ -105,10 +112,11 @@ def run_stage(cfg: DictConfig, name: str) -> dict:
         t0 = time.time()
         try:
             counts, outputs, extra = module.run(cfg, run.directory, tracker)
+            manifest = run.finish(counts, outputs, extra)
             tracker.summary(counts)
         finally:
-            tracker.finish()
-        manifest = run.finish(counts, outputs, extra)
+            with contextlib.suppress(Exception):  # tracking trouble never costs finished work
+                tracker.finish()
         shutil.rmtree(run.directory / "_work", ignore_errors=True)  # resume state, no longer needed
     print(f"[tsalign] iter_{cfg.iteration}/{name}: finished in {time.time() - t0:.1f}s -> {run.directory}")
     return manifest

@@ -75,8 +75,8 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
     out = out_dir / "student"
     log = lambda step, m: tracker.log({f"distill/{k}": v for k, v in m.items()}, step=step)  # noqa: E731
     train_stats = train_reward_model(student_dir, out, train, epochs=d.epochs, batch_size=d.batch_size,
-                                     learning_rate=d.learning_rate, max_length=max_len, seed=seed,
-                                     use_margin=d.use_margin, device=device, on_step=log)
+                                     learning_rate=d.learning_rate, max_length=max_len, seed=cfg.seed + cfg.iteration,
+                                     init_seed=seed, use_margin=d.use_margin, device=device, on_step=log)
     after, human_after = evaluate(out), pair_accuracy(out, human, max_len, device) if human else None
 
     metrics = {"source": d.source, "train_pairs": len(train), "replayed_pairs": replayed, "held_out_pairs": len(held_out),

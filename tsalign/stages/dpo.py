@@ -12,6 +12,7 @@ Writes iter_<t>/dpo/policy/: a plain HF checkpoint (LoRA merged) + tokenizer, wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -20,11 +21,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from tsalign.artifacts import atomic_dir, atomic_write_text, config_hash, fingerprint, read_jsonl
+from tsalign.artifacts import atomic_dir, atomic_write_text, config_hash, read_jsonl
 from tsalign.errors import TsalignError
 from tsalign.models import load_causal_lm, load_tokenizer, pick_device
 from tsalign.preference import fit_pair, to_trl_row
-from tsalign.stages.common import Plan, base_model_dir, finished_output, policy_source, section
+from tsalign.stages.common import Plan, base_model_dir, finished_output, policy_source, section, work_stamp
 from tsalign.tracking import Tracker
 
 
@@ -63,6 +64,16 @@ def training_args(cfg: DictConfig, output_dir: Path, device: str, report_to: lis
         use_cpu=not gpu, bf16=gpu and torch.cuda.is_bf16_supported(), activation_checkpointing=gpu,
         disable_tqdm=True,
     )
+
+
+@contextlib.contextmanager
+def trl_errors():
+    """TRL / transformers reject bad settings with ValueError deep inside; say it in one line."""
+    try:
+        yield
+    except (ValueError, TypeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TsalignError(f"DPO setup rejected the config (dpo.* / optimizer.*): {first}") from None
 
 
 def make_trainer(cfg: DictConfig, model, ref_model, tokenizer, dataset, args):
@@ -151,10 +162,13 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
     policy, label = policy_source(cfg, cfg.iteration)
     model_dir = policy or base_model_dir(cfg, cfg.policy)
     device = pick_device(cfg.device)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, chat=True)
     fitted = [fit_pair(tokenizer, to_trl_row(p), cfg.dpo.max_length) for p in pairs]
     dataset = Dataset.from_list([row for row, _ in fitted])
 
+    ckpt_dir = out_dir / "_work" / "checkpoints"
+    with trl_errors():  # a bad loss_type / optimizer / scheduler fails here, before any model loads
+        args = training_args(cfg, ckpt_dir, device, tracker.report_to)
     t0 = time.time()
     model = load_causal_lm(model_dir, cfg.policy.dtype, device)
     use_cache = model.config.use_cache  # Trainer turns it off for training; the saved policy gets it back
@@ -162,14 +176,13 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
     ref_model = load_causal_lm(ref_dir, cfg.policy.dtype, device) if ref_dir else None  # None: TRL uses pi_t
     load_s = time.time() - t0
 
-    ckpt_dir = out_dir / "_work" / "checkpoints"
-    resume = fresh_checkpoints(ckpt_dir, config_hash([plan(cfg).config, fingerprint(pairs_path)]))
+    resume = fresh_checkpoints(ckpt_dir, config_hash(work_stamp(cfg, "dpo")))
     resumed_step = 0
     if resume:
         resumed_step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
         print(f"[dpo] resuming from {resume} (step {resumed_step})")
-    trainer = make_trainer(cfg, model, ref_model, tokenizer, dataset,
-                           training_args(cfg, ckpt_dir, device, tracker.report_to))
+    with trl_errors():
+        trainer = make_trainer(cfg, model, ref_model, tokenizer, dataset, args)
     t1 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     train_s = time.time() - t1
@@ -179,7 +192,6 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
     with atomic_dir(out_dir / "policy") as tmp:
         trained.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir / "_work", ignore_errors=True)
 
     steps = trainer.state.global_step
     stats = log_stats(trainer.state.log_history)

@@ -11,16 +11,34 @@ Writes metrics.json and progress.png (every evaluated iteration of the experimen
 
 from __future__ import annotations
 
+import io
 import json
 import statistics
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from tsalign.artifacts import PartialRows, atomic_write_bytes, atomic_write_json, config_hash, read_manifest
-from tsalign.stages.common import (Plan, base_model_dir, exp_dir, finished_output, open_scorer, prompt_split,
-                                   section, teacher_model_dir)
-from tsalign.stages.generate import open_sampler, sample_rows, sampling_params
+from tsalign.artifacts import (
+    PartialRows,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_jsonl,
+    config_hash,
+    fingerprint,
+    read_manifest,
+)
+from tsalign.selection import Verdict, student_agrees
+from tsalign.stages.common import (
+    Plan,
+    base_model_dir,
+    exp_dir,
+    finished_output,
+    open_scorer,
+    prompt_split,
+    section,
+    teacher_model_dir,
+)
+from tsalign.stages.generate import chunk_prompts, open_sampler, sample_rows, sampling_params
 from tsalign.stats import mean_interval, outcome, win_rate
 from tsalign.tracking import Tracker
 
@@ -29,30 +47,31 @@ def plan(cfg: DictConfig) -> Plan:
     t = cfg.iteration
     inputs = {"policy": finished_output(cfg, t, "dpo", "policy", "evaluate"),
               "student": finished_output(cfg, t, "distill", "student", "evaluate")}
-    return Plan(section(cfg, "policy", "teacher", "sampler", "data", "evaluate"), inputs)
+    return Plan(section(cfg, "policy", "teacher", "student", "sampler", "data", "evaluate"), inputs)
 
 
 def answers(cfg: DictConfig, model_dir: Path, prompts: list[dict], seed: int, cache: Path) -> list[str]:
     """One answer per prompt; finished chunks are kept in `cache` (base answers are shared by iterations)."""
     params = sampling_params(cfg, 1, seed)
-    partial = PartialRows(cache, "prompt_id", {"model": str(model_dir), "params": params.as_dict()})
+    partial = PartialRows(cache, "prompt_id", {"model": fingerprint(model_dir), "params": params.as_dict()})
     if all(p["prompt_id"] in partial for p in prompts):
         return [partial.rows[p["prompt_id"]]["candidates"][0]["text"] for p in prompts]
     sampler = open_sampler(cfg, model_dir, seed)
     try:
-        rows = sample_rows(sampler, prompts, params, partial, model_dir.name)
+        rows = sample_rows(sampler, prompts, params, partial, model_dir.name, chunk_prompts(cfg, 1))
     finally:
         sampler.close()
     return [r["candidates"][0]["text"] for r in rows]
 
 
-def compare(prompts: list[list[dict]], policy: list[str], base: list[str], judge, tie: float) -> dict:
+def compare(prompts: list[list[dict]], policy: list[str], base: list[str], judge, tie: float,
+            confidence: float) -> dict:
     scores = judge.score_groups(prompts, [[a, b] for a, b in zip(policy, base)])
     deltas = [s[0] - s[1] for s in scores]
     outcomes = [outcome(d, tie) for d in deltas]
-    mean_delta, low, high = mean_interval(deltas)
+    mean_delta, low, high = mean_interval(deltas, confidence)
     decided = [(o, len(a) > len(b)) for o, a, b in zip(outcomes, policy, base) if o != 0.5 and len(a) != len(b)]
-    return {**win_rate(outcomes), "scores": scores, "reward_delta": mean_delta, "reward_delta_ci": [low, high],
+    return {**win_rate(outcomes, confidence), "scores": scores, "reward_delta": mean_delta, "reward_delta_ci": [low, high],
             "policy_reward": statistics.fmean(s[0] for s in scores), "base_reward": statistics.fmean(s[1] for s in scores),
             "longer_wins_rate": statistics.fmean((o == 1.0) == longer for o, longer in decided) if decided else None}
 
@@ -84,12 +103,10 @@ def progress_plot(experiment: Path, current: dict, iteration: int, out: Path) ->
     axes[2].legend()
     fig.suptitle(f"{experiment.name}: n={current['n']} held-out prompts")
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    atomic_write_bytes(out, tmp.read_bytes())
-    tmp.unlink()
-    return out
+    return atomic_write_bytes(out, png.getvalue())
 
 
 def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, dict]:
@@ -105,14 +122,14 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
 
     prompts = [p["messages"] for p in held_out]
     teacher = open_scorer(cfg, cfg.teacher, teacher_model_dir(cfg))
-    main = compare(prompts, policy, base, teacher, e.tie_threshold)
-    ctrl = compare(prompts, control, base, teacher, e.tie_threshold) if control else None
+    main = compare(prompts, policy, base, teacher, e.tie_threshold, e.confidence)
+    ctrl = compare(prompts, control, base, teacher, e.tie_threshold, e.confidence) if control else None
     teacher.close()
 
     student = open_scorer(cfg, cfg.student, finished_output(cfg, t, "distill", "student", "evaluate"))
     student_scores = student.score_groups(prompts, [[a, b] for a, b in zip(policy, base)])
     student.close()
-    agree = [1.0 if (s[0] > s[1]) == (m[0] > m[1]) else 0.0
+    agree = [student_agrees(s, Verdict(0, 1, 0.0) if m[0] > m[1] else Verdict(1, 0, 0.0))
              for s, m in zip(student_scores, main["scores"]) if m[0] != m[1]]
 
     metrics = {k: v for k, v in main.items() if k != "scores"}
@@ -124,8 +141,7 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
     rows = [{"prompt_id": p["prompt_id"], "policy": a, "base": b, "teacher": m, "student": s}
             for p, a, b, m, s in zip(held_out, policy, base, main["scores"], student_scores)]
     outputs = {"metrics": atomic_write_json(out_dir / "metrics.json", metrics),
-               "judgements": atomic_write_bytes(out_dir / "judgements.jsonl", "".join(
-                   json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())}
+               "judgements": atomic_write_jsonl(out_dir / "judgements.jsonl", rows)}
     outputs["plot"] = progress_plot(exp_dir(cfg), metrics, t, out_dir / "progress.png")
     tracker.log({f"evaluate/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     ctrl_txt = f"; control (pi_0 vs pi_0) {ctrl['win_rate']:.2f}" if ctrl else ""

@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
-from tsalign.artifacts import PartialRows, atomic_write_jsonl
+from tsalign.artifacts import PartialRows, atomic_write_jsonl, config_hash
 from tsalign.models import pick_device
 from tsalign.sampling import SamplingParams, make_sampler
-from tsalign.stages.common import Plan, base_model_dir, policy_source, section, training_prompts
+from tsalign.stages.common import Plan, base_model_dir, policy_source, section, training_prompts, work_stamp
 from tsalign.tracking import Tracker
 
 CHUNK_PROMPTS = 8  # prompts per sampler call; finished chunks survive a crash
@@ -26,6 +27,8 @@ CHUNK_PROMPTS = 8  # prompts per sampler call; finished chunks survive a crash
 def plan(cfg: DictConfig) -> Plan:
     policy, label = policy_source(cfg, cfg.iteration)
     inputs = {"policy": policy} if policy else {}
+    if cfg.data.source == "file" and cfg.data.path and Path(cfg.data.path).expanduser().exists():
+        inputs["prompts"] = Path(cfg.data.path).expanduser()
     return Plan({**section(cfg, "policy", "sampler", "data", "generate", "seed"), "policy_used": label}, inputs)
 
 
@@ -44,19 +47,33 @@ def open_sampler(cfg: DictConfig, model_dir: Path, seed: int):
                             gpu_memory_utilization=s.gpu_memory_utilization, enforce_eager=s.enforce_eager)))
 
 
-def sample_rows(sampler, prompts: list[dict], params: SamplingParams, partial: PartialRows, label: str) -> list[dict]:
+def derived_seed(*parts: int) -> int:
+    """A seed per (run seed, iteration) or (run seed, chunk): distinct for shards of any size."""
+    return int(config_hash(list(parts)), 16) % 2**31
+
+
+def chunk_prompts(cfg: DictConfig, n: int) -> int:
+    """Prompts per sampler call: at least one full hf batch of sequences, at least CHUNK_PROMPTS."""
+    return max(CHUNK_PROMPTS, cfg.sampler.batch_size // n)
+
+
+def sample_rows(sampler, prompts: list[dict], params: SamplingParams, partial: PartialRows, label: str,
+                chunk_size: int = CHUNK_PROMPTS) -> list[dict]:
     """Sample every prompt not already in `partial`, chunk by chunk; rows come back in prompt order."""
-    for start in range(0, len(prompts), CHUNK_PROMPTS):
-        chunk = [p for p in prompts[start : start + CHUNK_PROMPTS] if p["prompt_id"] not in partial]
+    bar = tqdm(total=len(prompts), desc=f"sampling {label}", unit="prompt", disable=None)
+    for start in range(0, len(prompts), chunk_size):
+        chunk = [p for p in prompts[start : start + chunk_size] if p["prompt_id"] not in partial]
+        bar.update(min(chunk_size, len(prompts) - start))
         if not chunk:
             continue
-        chunk_params = SamplingParams(**{**params.as_dict(), "seed": params.seed + start})
+        chunk_params = SamplingParams(**{**params.as_dict(), "seed": derived_seed(params.seed, start)})
         completions = sampler.generate([p["messages"] for p in chunk], chunk_params)
         partial.extend([{
             "prompt_id": p["prompt_id"], "prompt": p["messages"], "policy": label,
             "candidates": [{"text": c.text, "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
                             "empty": not c.text.strip(), "prompt_truncated": c.prompt_truncated} for c in comps],
         } for p, comps in zip(chunk, completions)])
+    bar.close()
     return [partial.rows[p["prompt_id"]] for p in prompts]
 
 
@@ -75,16 +92,16 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
     prompts = training_prompts(cfg, cfg.iteration)
     policy, label = policy_source(cfg, cfg.iteration)
     model_dir = policy or base_model_dir(cfg, cfg.policy)
-    seed = cfg.seed + 1000 * cfg.iteration
+    seed = derived_seed(cfg.seed, cfg.iteration)
     params = sampling_params(cfg, cfg.generate.num_candidates, seed)
-    partial = PartialRows(out_dir / "_work" / "candidates.partial.jsonl", "prompt_id", plan(cfg).config)
+    partial = PartialRows(out_dir / "_work" / "candidates.partial.jsonl", "prompt_id", work_stamp(cfg, "generate"))
 
     t0 = time.time()
     sampler = open_sampler(cfg, model_dir, seed)
     load_s = time.time() - t0
     t1 = time.time()
     try:
-        rows = sample_rows(sampler, prompts, params, partial, label)
+        rows = sample_rows(sampler, prompts, params, partial, label, chunk_prompts(cfg, params.n))
     finally:
         sampler.close()
     sample_s = time.time() - t1

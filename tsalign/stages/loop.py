@@ -18,12 +18,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from tsalign.artifacts import read_manifest, stage_dir
+from tsalign.artifacts import ConfigChanged, read_manifest, stage_dir
 from tsalign.config import PIPELINE
 from tsalign.errors import TsalignError
 from tsalign.stages.common import exp_dir, stage_run
 
-_OWN_KEYS = ("stage", "iteration", "iterations", "experiment_dir", "experiment_name")
+_OWN_KEYS = ("stage", "iteration", "iterations", "experiment_dir", "experiment_name", "redo")
 
 
 def _die_with_parent() -> None:
@@ -49,15 +49,19 @@ def quoted(value: str) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def is_done(cfg: DictConfig, stage: str, t: int) -> bool:
-    """Finished with a matching config? A stage whose inputs are not finished is not done."""
+def status(cfg: DictConfig, stage: str, t: int) -> str:
+    """done | todo | changed (finished under another config or inputs). Unfinished inputs mean todo."""
     sub = cfg.copy()
-    sub.iteration = t
+    sub.iteration, sub.redo = t, False
     try:
-        return stage_run(sub, stage, t).is_done()
-    except TsalignError as e:
-        if type(e) is TsalignError and read_manifest(stage_dir(exp_dir(cfg), t, stage)) is None:
-            return False  # upstream not finished yet
+        return "done" if stage_run(sub, stage, t).is_done() else "todo"
+    except ConfigChanged:
+        if cfg.redo:
+            return "changed"  # redo=true replaces exactly the stages whose config or inputs changed
+        raise
+    except TsalignError:
+        if read_manifest(stage_dir(exp_dir(cfg), t, stage)) is None:
+            return "todo"  # upstream not finished yet: the child reports anything else
         raise
 
 
@@ -66,10 +70,12 @@ def run_loop(cfg: DictConfig, task_overrides: list[str] | None = None) -> None:
     hydra_dir = Path(cfg.experiment_dir) / "_hydra"
     for t in range(cfg.iteration, cfg.iteration + cfg.iterations):
         for stage in PIPELINE:
-            if is_done(cfg, stage, t):
+            state = status(cfg, stage, t)
+            if state == "done":
                 print(f"[loop] iter_{t}/{stage}: done, skipped")
                 continue
-            cmd = [sys.executable, "-m", "tsalign.cli", *overrides, f"stage={stage}", f"iteration={t}",
+            redo = ["redo=true"] if state == "changed" else []
+            cmd = [sys.executable, "-m", "tsalign.cli", *overrides, *redo, f"stage={stage}", f"iteration={t}",
                    f"experiment_dir={quoted(cfg.experiment_dir)}", f"experiment_name={quoted(cfg.experiment_name)}",
                    f"hydra.run.dir={quoted(f'{hydra_dir}/iter_{t}_{stage}')}"]
             print(f"[loop] iter_{t}/{stage}: starting", flush=True)

@@ -18,9 +18,17 @@ from omegaconf import DictConfig
 
 from tsalign.artifacts import atomic_write_json, atomic_write_jsonl, read_jsonl, read_manifest, stage_dir
 from tsalign.errors import TsalignError
+from tsalign.reward_training import longer_wins
 from tsalign.selection import decide, shortlist, student_agrees
-from tsalign.stages.common import (Plan, base_model_dir, finished_output, open_scorer, section, student_source,
-                                   teacher_model_dir)
+from tsalign.stages.common import (
+    Plan,
+    base_model_dir,
+    finished_output,
+    open_scorer,
+    section,
+    student_source,
+    teacher_model_dir,
+)
 from tsalign.tracking import Tracker
 
 
@@ -123,8 +131,7 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
         "student_scores": describe([s for ss in student_scores for s in ss]),
         "teacher_scores": describe([s for ts in teacher_scores for s in ts]),
         "mean_margin": statistics.fmean(p["margin"] for p in pairs) if pairs else None,
-        "chosen_longer_rate": statistics.fmean(
-            len(p["chosen"][0]["content"]) > len(p["rejected"][0]["content"]) for p in pairs) if pairs else None,
+        "chosen_longer_rate": longer_wins(pairs) if pairs else None,  # equal length counts half
     }
     if "first_position_rate" in teacher_stats:
         metrics["judge_first_position_rate"] = teacher_stats["first_position_rate"]
