@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 import tsalign.config  # noqa: F401  (registers the schema in Hydra's ConfigStore)
 from tsalign.config import STAGES
 from tsalign.errors import TsalignError
+from tsalign.selection import STRATEGIES
 
 
 def _conf_dir() -> str:
@@ -37,7 +38,7 @@ _CHOICES = {
     "sampler.backend": ("hf", "vllm"),
     "data.source": ("alpaca_eval", "alpaca", "file"),
     "data.schedule": ("fresh", "reuse"),
-    "rank.selection": ("best_worst", "top_bottom", "all", "random_pair", "student_only"),
+    "rank.selection": STRATEGIES,
     "distill.source": ("teacher", "human"),
     "distill.replay": ("all", "last", "none"),
     "dpo.reference": ("previous", "initial"),

@@ -81,14 +81,18 @@ class JudgeScorer:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_length :]
 
     @torch.no_grad()
-    def _p_first(self, items: list[tuple[list[dict], str, str]]) -> list[float]:
-        """P(the first slot wins) for each (prompt, first, second), from the two choice tokens only."""
+    def _first_probs(self, items: list[tuple[list[dict], str, str]]) -> list[float]:
         out = []
         for start in range(0, len(items), self.batch_size):
             feats = [{"input_ids": self._render(*it)} for it in items[start : start + self.batch_size]]
             batch = {k: v.to(self.device) for k, v in self.tokenizer.pad(feats, return_tensors="pt").items()}
             logits = self.model(**batch).logits[:, -1, self.choice_ids].float()  # left padding: last is real
             out += torch.softmax(logits, dim=-1)[:, 0].tolist()
+        return out
+
+    def _p_first(self, items: list[tuple[list[dict], str, str]]) -> list[float]:
+        """P(the first slot wins) for each (prompt, first, second), from the two choice tokens only."""
+        out = self._first_probs(items)
         self.stats["calls"] += len(items)
         self.stats["first_position_picks"] += sum(p > 0.5 for p in out)
         return out
@@ -137,7 +141,7 @@ class VLLMJudgeScorer(JudgeScorer):
         self.llm = vllm.LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, **options)
         self.stats = {"calls": 0, "truncated": 0, "seconds": 0.0, "first_position_picks": 0}
 
-    def _p_first(self, items: list[tuple[list[dict], str, str]]) -> list[float]:
+    def _first_probs(self, items: list[tuple[list[dict], str, str]]) -> list[float]:
         params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=20,
                                            allowed_token_ids=list(self.choice_ids))
         outputs = self.llm.generate([{"prompt_token_ids": self._render(*it)} for it in items], params, use_tqdm=True)
@@ -148,8 +152,6 @@ class VLLMJudgeScorer(JudgeScorer):
             m = max(lp)
             w = [math.exp(x - m) for x in lp]
             out.append(w[0] / sum(w))
-        self.stats["calls"] += len(items)
-        self.stats["first_position_picks"] += sum(p > 0.5 for p in out)
         return out
 
     def close(self) -> None:

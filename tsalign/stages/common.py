@@ -44,17 +44,20 @@ def finished_output(cfg: DictConfig, iteration: int, stage: str, name: str, need
     return directory / name
 
 
-def policy_source(cfg: DictConfig, iteration: int) -> tuple[Path | None, str]:
-    """pi_t: the base policy at t=0, else the previous iteration's DPO output. (path or None=base, label)"""
+def _trained_at(cfg: DictConfig, iteration: int, stage: str, name: str, symbol: str, base: str):
     if iteration == 0:
-        return None, cfg.policy.name
-    return finished_output(cfg, iteration - 1, "dpo", "policy", f"iteration {iteration}"), f"pi_{iteration}"
+        return None, base
+    return finished_output(cfg, iteration - 1, stage, name, f"iteration {iteration}"), f"{symbol}_{iteration}"
+
+
+def policy_source(cfg: DictConfig, iteration: int) -> tuple[Path | None, str]:
+    """pi_t: the base policy at t=0 (path None), else iter_<t-1>/dpo/policy; with its label."""
+    return _trained_at(cfg, iteration, "dpo", "policy", "pi", cfg.policy.name)
 
 
 def student_source(cfg: DictConfig, iteration: int) -> tuple[Path | None, str]:
-    if iteration == 0:
-        return None, cfg.student.name
-    return finished_output(cfg, iteration - 1, "distill", "student", f"iteration {iteration}"), f"student_{iteration}"
+    """student_t: the base student at t=0 (path None), else iter_<t-1>/distill/student; with its label."""
+    return _trained_at(cfg, iteration, "distill", "student", "student", cfg.student.name)
 
 
 def base_model_dir(cfg: DictConfig, spec: DictConfig) -> Path:
