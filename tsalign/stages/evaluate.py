@@ -101,6 +101,8 @@ def progress_plot(experiment: Path, current: dict, iteration: int, out: Path) ->
     axes[2].plot(x, [points[t]["base_reward"] for t in its], marker="s", label="pi_0")
     axes[2].set(title="mean teacher score", xlabel="policy pi_t")
     axes[2].legend()
+    for ax in axes:
+        ax.set_xticks(x)
     fig.suptitle(f"{experiment.name}: n={current['n']} held-out prompts")
     fig.tight_layout()
     png = io.BytesIO()
