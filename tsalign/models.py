@@ -174,6 +174,7 @@ def load_tokenizer(model_dir: Path, padding_side: str = "right", chat: bool = Fa
 def load_causal_lm(model_dir: Path, dtype: str = "float32", device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     with _clear_load_errors(model_dir):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype, device))
     return model.to(device).eval()
@@ -184,6 +185,7 @@ def load_reward_model(model_dir: Path, dtype: str = "float32", device: str = "cp
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    _quiet_transformers()
     with _clear_load_errors(model_dir):
         config = AutoConfig.from_pretrained(model_dir)
     labels = getattr(config, "num_labels", 1)

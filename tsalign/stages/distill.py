@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from tsalign.artifacts import atomic_write_json, read_jsonl
 from tsalign.data import load_human_pairs, split_pairs
@@ -67,17 +67,21 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
                            "raise generate.num_candidates or data.prompts_per_iteration")
 
     student_dir = student_source(cfg, cfg.iteration)[0] or base_model_dir(cfg, cfg.student)
-    seed, max_len = cfg.student.seed, d.max_length
-    evaluate = lambda model_dir: pair_accuracy(model_dir, held_out, max_len, device, seed) if held_out else None  # noqa: E731
     human = human_eval_pairs(cfg) if d.source == "teacher" else []
-    before, human_before = evaluate(student_dir), pair_accuracy(student_dir, human, max_len, device, seed) if human else None
 
+    def accuracy(model_dir: Path, pairs: list[dict]) -> dict | None:
+        return pair_accuracy(model_dir, pairs, d.max_length, device, cfg.student.seed) if pairs else None
+
+    def log_step(step: int, values: dict) -> None:
+        tracker.log({f"distill/{k}": v for k, v in values.items()}, step=step)
+
+    before, human_before = accuracy(student_dir, held_out), accuracy(student_dir, human)
     out = out_dir / "student"
-    log = lambda step, m: tracker.log({f"distill/{k}": v for k, v in m.items()}, step=step)  # noqa: E731
     train_stats = train_reward_model(student_dir, out, train, epochs=d.epochs, batch_size=d.batch_size,
-                                     learning_rate=d.learning_rate, max_length=max_len, seed=cfg.seed + cfg.iteration,
-                                     init_seed=seed, use_margin=d.use_margin, device=device, on_step=log)
-    after, human_after = evaluate(out), pair_accuracy(out, human, max_len, device) if human else None
+                                     learning_rate=d.learning_rate, max_length=d.max_length,
+                                     seed=cfg.seed + cfg.iteration, init_seed=cfg.student.seed,
+                                     use_margin=d.use_margin, device=device, on_step=log_step)
+    after, human_after = accuracy(out, held_out), accuracy(out, human)
 
     metrics = {"source": d.source, "train_pairs": len(train), "replayed_pairs": replayed, "held_out_pairs": len(held_out),
                "label": "teacher" if d.source == "teacher" else "human", "before": before, "after": after,
@@ -86,13 +90,15 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
         report = json.loads((teacher_model_dir(cfg) / "fit_report.json").read_text())
         metrics["human_held_out"]["teacher"] = report["held_out"]
     metrics_path = atomic_write_json(out_dir / "metrics.json", metrics)
-    agreement = lambda r: None if r is None else round(r["accuracy"], 4)  # noqa: E731
+    def rounded(result: dict | None) -> float | None:
+        return None if result is None else round(result["accuracy"], 4)
+
     counts = {"train_pairs": len(train), "held_out_pairs": len(held_out), "steps": train_stats["steps"],
-              "agreement_before": agreement(before), "agreement_after": agreement(after),
-              "human_accuracy_before": agreement(human_before), "human_accuracy_after": agreement(human_after)}
+              "agreement_before": rounded(before), "agreement_after": rounded(after),
+              "human_accuracy_before": rounded(human_before), "human_accuracy_after": rounded(human_after)}
     tracker.log({f"distill/{k}": v for k, v in counts.items() if v is not None})
     print(f"[distill] {len(train)} pairs ({replayed} replayed), {train_stats['steps']} steps; held-out "
           f"{'teacher agreement' if d.source == 'teacher' else 'human accuracy'} "
           f"{counts['agreement_before']} -> {counts['agreement_after']} on {len(held_out)} pairs"
           + (f"; human held-out {counts['human_accuracy_before']} -> {counts['human_accuracy_after']}" if human else ""))
-    return counts, {"student": out, "metrics": metrics_path}, {"config_used": OmegaConf.to_container(cfg.distill)}
+    return counts, {"student": out, "metrics": metrics_path}, {"student_from": str(student_dir)}
