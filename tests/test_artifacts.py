@@ -283,3 +283,22 @@ def test_partial_rows_file_is_fsynced_jsonl(tmp_path):
     PartialRows(path, "id", {"t": 1}).extend([{"id": "a", "text": "ü"}])
     assert read_jsonl(path) == [{"id": "a", "text": "ü"}]
     assert os.path.getsize(path) > 0
+
+
+def test_finished_outputs_are_fingerprinted_once_from_their_manifest(tmp_path):
+    """Readers take a finished output's hash from its manifest instead of re-reading the content."""
+    from tsalign.artifacts import StageRun, atomic_write_text, content_fingerprint, fingerprint
+
+    stage = tmp_path / "iter_0" / "dpo"
+    (stage / "policy").mkdir(parents=True)
+    atomic_write_text(stage / "policy" / "weights.bin", "abc")
+    unfinished = fingerprint(stage / "policy")
+    assert unfinished == content_fingerprint(stage / "policy")
+
+    run = StageRun(stage, "dpo", 0, {"beta": 0.1})
+    run.begin()
+    manifest = run.finish({}, {"policy": stage / "policy"})
+    assert manifest["output_sha256"] == {"policy": unfinished}
+    atomic_write_text(stage / "policy" / "weights.bin", "changed behind the manifest's back")
+    assert fingerprint(stage / "policy") == unfinished  # recorded, not recomputed
+    assert content_fingerprint(stage / "policy") != unfinished

@@ -135,6 +135,19 @@ def config_hash(obj: Any) -> str:
 
 
 def fingerprint(path: str | Path) -> str:
+    """Content hash of an input. A finished stage's output is immutable and its manifest records its
+    hash, so a multi-GB checkpoint is hashed once, when its stage finishes, not by every reader."""
+    path = Path(path)
+    manifest = path.parent / MANIFEST
+    if manifest.is_file():
+        recorded = json.loads(manifest.read_text())
+        for name, rel in recorded.get("outputs", {}).items():
+            if rel == path.name and name in recorded.get("output_sha256", {}):
+                return recorded["output_sha256"][name]
+    return content_fingerprint(path)
+
+
+def content_fingerprint(path: str | Path) -> str:
     """Content hash of a file, or of every file in a directory (names included)."""
     path = Path(path)
     h = hashlib.sha256()
@@ -222,6 +235,7 @@ class StageRun:
             "config": self.config,
             "inputs": self.input_fingerprints(),
             "outputs": {k: str(Path(v).relative_to(self.directory)) for k, v in outputs.items()},
+            "output_sha256": {k: content_fingerprint(v) for k, v in outputs.items()},
             "counts": counts,
             "versions": package_versions(),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),

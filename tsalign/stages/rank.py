@@ -134,7 +134,10 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
         "chosen_longer_rate": longer_wins(pairs) if pairs else None,  # equal length counts half
     }
     if "first_position_rate" in teacher_stats:
-        metrics["judge_first_position_rate"] = teacher_stats["first_position_rate"]
+        rate = metrics["judge_first_position_rate"] = teacher_stats["first_position_rate"]
+        if rate is not None and abs(rate - 0.5) > 0.4:
+            print(f"[rank] warning: the judge picked the first slot in {rate:.0%} of single-order verdicts: it "
+                  "answers by position, so its pairs carry little signal (both orders are averaged)")
     outputs = {"scores": atomic_write_jsonl(out_dir / "scores.jsonl", score_rows),
                "pairs": atomic_write_jsonl(out_dir / "pairs.jsonl", pairs),
                "metrics": atomic_write_json(out_dir / "metrics.json", metrics)}
