@@ -58,7 +58,8 @@ def test_evaluate_metrics_are_consistent(looped):
     assert 0 <= m["ci_low"] <= m["win_rate"] <= m["ci_high"] <= 1
     assert m["control"]["n"] == 4 and m["policy"] == "pi_1"
     rows = [json.loads(line) for line in (exp / "iter_0" / "evaluate" / "judgements.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and all(len(r["teacher"]) == 2 for r in rows)
+    assert len(rows) == 4 and all(len(r["judge"]) == 2 for r in rows)
+    assert m["judge"] == "tiny-bert-teacher" and m["judge_is_teacher"]
     # the base answers are cached for later iterations
     assert list((exp / "_eval_answers").glob("base-*.jsonl"))
 
@@ -165,3 +166,27 @@ def test_wandb_offline_runs_appear(tmp_path):
     runs = sorted((Path(cfg.experiment_dir) / "wandb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2, runs
     assert all(any(r.glob("*.wandb")) for r in runs)
+
+
+def test_evaluate_with_an_independent_judge(looped):
+    """evaluate.judge names a conf/teacher option: the judge is that model, not the training teacher."""
+    exp, _ = looped
+    path = exp / "iter_0" / "evaluate" / "judgements.jsonl"
+    before = [json.loads(line)["judge"] for line in path.read_text().splitlines()]  # judged by teacher seed 7
+    # the training teacher becomes seed 3; the judge is conf/teacher/tiny.yaml (seed 7)
+    _, m = run_stage_inprocess("evaluate", exp.parent, [*FAST[1:], "teacher.seed=3", "evaluate.judge=tiny",
+                                                        "redo=true"])
+    metrics = json.loads((exp / "iter_0" / "evaluate" / "metrics.json").read_text())
+    assert metrics["judge"] == "tiny-bert-teacher" and metrics["judge_is_teacher"] is False
+    assert m["config"]["judge"]["seed"] == 7 and m["config"]["teacher"]["seed"] == 3
+    after = [json.loads(line)["judge"] for line in path.read_text().splitlines()]
+    assert [x for r in after for x in r] == pytest.approx([x for r in before for x in r], rel=1e-5)
+
+
+def test_unknown_judge_option_lists_the_options():
+    from tsalign.errors import TsalignError
+    from tsalign.stages.common import teacher_option
+
+    with pytest.raises(TsalignError, match="minilm_rm"):
+        teacher_option("no_such_judge")
+    assert teacher_option("smollm2_judge").kind == "judge"

@@ -17,18 +17,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import tsalign.config  # noqa: F401  (registers the schema in Hydra's ConfigStore)
-from tsalign.config import STAGES
+from tsalign.config import STAGES, conf_dir
 from tsalign.errors import TsalignError
 from tsalign.selection import STRATEGIES
 
-
-def _conf_dir() -> str:
-    here = Path(__file__).resolve().parent
-    source_tree = here.parent / "conf"  # a checkout or an editable install
-    return str(source_tree if (source_tree / "config.yaml").is_file() else here / "conf")
-
-
-CONF_DIR = _conf_dir()
+CONF_DIR = str(conf_dir())
 
 _CHOICES = {
     "stage": STAGES,

@@ -7,6 +7,7 @@ dataclasses: a misspelled key or a wrong type fails at compose time with Hydra's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -141,6 +142,9 @@ class DpoConfig:
 
 @dataclass
 class EvaluateConfig:
+    # Who judges pi_{t+1} vs pi_0: null = the training teacher (then the win rate measures fit to the
+    # optimised reward); or a conf/teacher/ option, e.g. evaluate.judge=llama3_70b_judge
+    judge: Optional[str] = None
     control: bool = True  # base-vs-base run: its win rate must sit near 50%
     tie_threshold: float = 0.0
     confidence: float = 0.95
@@ -185,6 +189,13 @@ class TsalignConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+def conf_dir() -> Path:
+    """conf/ of a checkout or an editable install, else the copy shipped in the wheel (tsalign/conf)."""
+    here = Path(__file__).resolve().parent
+    source_tree = here.parent / "conf"
+    return source_tree if (source_tree / "config.yaml").is_file() else here / "conf"
 
 
 def register_configs() -> None:

@@ -125,16 +125,32 @@ def run_stage(cfg: DictConfig, name: str) -> dict:
     return manifest
 
 
-def teacher_model_dir(cfg: DictConfig) -> Path:
-    """The teacher's folder; a teacher with a `fit` recipe is fitted on human pairs once and cached."""
-    base = base_model_dir(cfg, cfg.teacher)
-    if not cfg.teacher.fit.data:
+def teacher_model_dir(cfg: DictConfig, spec: DictConfig | None = None) -> Path:
+    """A teacher's folder (the configured teacher by default); one with a `fit` recipe is fitted on
+    human pairs once and cached."""
+    spec = cfg.teacher if spec is None else spec
+    base = base_model_dir(cfg, spec)
+    if not spec.fit.data:
         return base
     from tsalign.models import pick_device
     from tsalign.reward_training import fitted_reward_model
 
-    return fitted_reward_model(base, OmegaConf.to_container(cfg.teacher.fit), Path(cfg.paths.cache),
-                               cfg.teacher.name, pick_device(cfg.device), cfg.teacher.seed)
+    return fitted_reward_model(base, OmegaConf.to_container(spec.fit), Path(cfg.paths.cache), spec.name,
+                               pick_device(cfg.device), spec.seed)
+
+
+def teacher_option(name: str) -> DictConfig:
+    """A conf/teacher/<name>.yaml option as a validated ModelSpec (e.g. for an independent judge)."""
+    from tsalign.config import ModelSpec, conf_dir
+
+    path = conf_dir() / "teacher" / f"{name}.yaml"
+    if not path.is_file():
+        options = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise TsalignError(f"no teacher option '{name}' in {path.parent}; use one of: {options}")
+    try:
+        return OmegaConf.merge(OmegaConf.structured(ModelSpec), OmegaConf.load(path))
+    except Exception as e:  # noqa: BLE001 -- a schema error in the YAML, in one line
+        raise TsalignError(f"{path}: {str(e).splitlines()[0]}") from None
 
 
 def open_scorer(cfg: DictConfig, spec: DictConfig, model_dir: Path):

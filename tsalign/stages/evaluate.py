@@ -3,7 +3,7 @@
     tsalign stage=evaluate iteration=0
 
 Both policies answer every held-out prompt once with the same sampling config and seed; the
-teacher judges each pair: win / tie / loss, win rate (ties half) with an interval, the paired
+judge (the teacher, or an independent one: evaluate.judge=<conf/teacher option>) judges each pair: win / tie / loss, win rate (ties half) with an interval, the paired
 difference of teacher reward, and the student_{t+1}'s agreement with the teacher on these fresh
 pairs. A control (pi_0 with another seed vs pi_0) must sit near 50%: if not, the judge is biased.
 Writes metrics.json and progress.png (every evaluated iteration of the experiment so far).
@@ -16,7 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tsalign.artifacts import (
     PartialRows,
@@ -37,17 +37,23 @@ from tsalign.stages.common import (
     prompt_split,
     section,
     teacher_model_dir,
+    teacher_option,
 )
 from tsalign.stages.generate import chunk_prompts, open_sampler, sample_rows, sampling_params
 from tsalign.stats import mean_interval, outcome, win_rate
 from tsalign.tracking import Tracker
 
 
+def judge_spec(cfg: DictConfig) -> DictConfig:
+    return teacher_option(cfg.evaluate.judge) if cfg.evaluate.judge else cfg.teacher
+
+
 def plan(cfg: DictConfig) -> Plan:
     t = cfg.iteration
     inputs = {"policy": finished_output(cfg, t, "dpo", "policy", "evaluate"),
               "student": finished_output(cfg, t, "distill", "student", "evaluate")}
-    return Plan(section(cfg, "policy", "teacher", "student", "sampler", "data", "evaluate"), inputs)
+    judge = OmegaConf.to_container(judge_spec(cfg), resolve=True)
+    return Plan({**section(cfg, "policy", "teacher", "student", "sampler", "data", "evaluate"), "judge": judge}, inputs)
 
 
 def answers(cfg: DictConfig, model_dir: Path, prompts: list[dict], seed: int, cache: Path) -> list[str]:
@@ -94,12 +100,12 @@ def progress_plot(experiment: Path, current: dict, iteration: int, out: Path) ->
     err = [[w - points[t]["ci_low"] for w, t in zip(wr, its)], [points[t]["ci_high"] - w for w, t in zip(wr, its)]]
     axes[0].errorbar(x, wr, yerr=err, marker="o", capsize=4)
     axes[0].axhline(0.5, color="grey", ls="--", lw=1)
-    axes[0].set(title="win rate vs pi_0 (teacher)", xlabel="policy pi_t", ylim=(0, 1))
+    axes[0].set(title=f"win rate vs pi_0 ({current['judge']})", xlabel="policy pi_t", ylim=(0, 1))
     axes[1].plot(x, [points[t]["student_agreement"] for t in its], marker="o")
-    axes[1].set(title="student-teacher agreement", xlabel="student_t", ylim=(0, 1))
+    axes[1].set(title="student-judge agreement", xlabel="student_t", ylim=(0, 1))
     axes[2].plot(x, [points[t]["policy_reward"] for t in its], marker="o", label="pi_t")
     axes[2].plot(x, [points[t]["base_reward"] for t in its], marker="s", label="pi_0")
-    axes[2].set(title="mean teacher score", xlabel="policy pi_t")
+    axes[2].set(title="mean judge score", xlabel="policy pi_t")
     axes[2].legend()
     for ax in axes:
         ax.set_xticks(x)
@@ -123,10 +129,11 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
     policy = answers(cfg, policy_dir, held_out, e.seed, out_dir / "_work" / "policy_answers.jsonl")
 
     prompts = [p["messages"] for p in held_out]
-    teacher = open_scorer(cfg, cfg.teacher, teacher_model_dir(cfg))
-    main = compare(prompts, policy, base, teacher, e.tie_threshold, e.confidence)
-    ctrl = compare(prompts, control, base, teacher, e.tie_threshold, e.confidence) if control else None
-    teacher.close()
+    spec = judge_spec(cfg)
+    judge = open_scorer(cfg, spec, teacher_model_dir(cfg, spec))
+    main = compare(prompts, policy, base, judge, e.tie_threshold, e.confidence)
+    ctrl = compare(prompts, control, base, judge, e.tie_threshold, e.confidence) if control else None
+    judge.close()
 
     student = open_scorer(cfg, cfg.student, finished_output(cfg, t, "distill", "student", "evaluate"))
     student_scores = student.score_groups(prompts, [[a, b] for a, b in zip(policy, base)])
@@ -135,19 +142,20 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
              for s, m in zip(student_scores, main["scores"]) if m[0] != m[1]]
 
     metrics = {k: v for k, v in main.items() if k != "scores"}
-    metrics.update(policy=f"pi_{t + 1}", student_agreement=statistics.fmean(agree) if agree else None,
+    metrics.update(policy=f"pi_{t + 1}", judge=spec.name, judge_is_teacher=not cfg.evaluate.judge,
+                   student_agreement=statistics.fmean(agree) if agree else None,
                    agreement_pairs=len(agree), control=None if ctrl is None else
                    {k: v for k, v in ctrl.items() if k in ("n", "win", "tie", "loss", "win_rate", "ci_low", "ci_high")},
                    mean_length={"policy": statistics.fmean(map(len, policy)), "base": statistics.fmean(map(len, base))},
                    empty_answers={"policy": sum(not a.strip() for a in policy), "base": sum(not a.strip() for a in base)})
-    rows = [{"prompt_id": p["prompt_id"], "policy": a, "base": b, "teacher": m, "student": s}
+    rows = [{"prompt_id": p["prompt_id"], "policy": a, "base": b, "judge": m, "student": s}
             for p, a, b, m, s in zip(held_out, policy, base, main["scores"], student_scores)]
     outputs = {"metrics": atomic_write_json(out_dir / "metrics.json", metrics),
                "judgements": atomic_write_jsonl(out_dir / "judgements.jsonl", rows)}
     outputs["plot"] = progress_plot(exp_dir(cfg), metrics, t, out_dir / "progress.png")
     tracker.log({f"evaluate/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     ctrl_txt = f"; control (pi_0 vs pi_0) {ctrl['win_rate']:.2f}" if ctrl else ""
-    print(f"[evaluate] pi_{t + 1} vs pi_0 on {metrics['n']} held-out prompts: win {metrics['win']} / tie "
+    print(f"[evaluate] pi_{t + 1} vs pi_0 on {metrics['n']} held-out prompts, judged by {spec.name}: win {metrics['win']} / tie "
           f"{metrics['tie']} / loss {metrics['loss']}, win rate {metrics['win_rate']:.2f} "
           f"[{metrics['ci_low']:.2f}, {metrics['ci_high']:.2f}]{ctrl_txt}; student agreement "
           f"{metrics['student_agreement'] if metrics['student_agreement'] is None else round(metrics['student_agreement'], 2)}")
