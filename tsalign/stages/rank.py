@@ -16,7 +16,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from tsalign.artifacts import atomic_write_json, atomic_write_jsonl, read_jsonl, read_manifest, stage_dir
+from tsalign.artifacts import (
+    PartialRows,
+    atomic_write_json,
+    atomic_write_jsonl,
+    read_jsonl,
+    read_manifest,
+    stage_dir,
+)
 from tsalign.errors import TsalignError
 from tsalign.reward_training import longer_wins
 from tsalign.selection import decide, shortlist, student_agrees
@@ -28,6 +35,7 @@ from tsalign.stages.common import (
     section,
     student_source,
     teacher_model_dir,
+    work_stamp,
 )
 from tsalign.tracking import Tracker
 
@@ -50,6 +58,10 @@ def plan(cfg: DictConfig) -> Plan:
     return Plan({**section(cfg, "student", "teacher", "rank", "seed"), "student_used": label}, inputs)
 
 
+SCORE_CHUNK = 64  # prompts per scorer call; finished chunks survive a crash
+_STATS = ("calls", "seconds", "truncated", "first_position_picks")
+
+
 def load_candidates(path: Path) -> list[dict]:
     rows = read_jsonl(path, "candidates file")
     for n, row in enumerate(rows, 1):
@@ -67,31 +79,56 @@ def describe(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "min": min(values), "max": max(values)}
 
 
+def score_resumably(open_scorer_fn, ids: list[str], prompts: list, groups: list[list[str]],
+                    partial: PartialRows) -> tuple[list[list[float]], dict]:
+    """Scores of every group, chunk by chunk, kept in `partial` so a crash (say, inside a 70B judge)
+    loses one chunk at most. Stats are summed over every chunk ever run, resumed ones included."""
+    todo = [i for i, pid in enumerate(ids) if pid not in partial]
+    if todo:
+        scorer = open_scorer_fn()
+        try:
+            for start in range(0, len(todo), SCORE_CHUNK):
+                idx = todo[start : start + SCORE_CHUNK]
+                before = {k: scorer.stats.get(k, 0) for k in _STATS}
+                scores = scorer.score_groups([prompts[i] for i in idx], [groups[i] for i in idx])
+                share = {k: (scorer.stats.get(k, 0) - before[k]) / len(idx) for k in _STATS}
+                partial.extend([{"prompt_id": ids[i], "scores": s, **share} for i, s in zip(idx, scores)])
+        finally:
+            scorer.close()
+    done = [partial.rows[pid] for pid in ids]
+    stats = {k: sum(r[k] for r in done) for k in _STATS}
+    stats["calls"] = round(stats["calls"])
+    stats["truncated"] = round(stats["truncated"])
+    return [r["scores"] for r in done], stats
+
+
 def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, dict]:
     rows = load_candidates(candidates_file(cfg))
+    ids = [r["prompt_id"] for r in rows]
     prompts = [r["prompt"] for r in rows]
     texts = [[c["text"] for c in r["candidates"]] for r in rows]
     strategy, rng = cfg.rank.selection, random.Random(cfg.seed + cfg.iteration)
+    stamp = work_stamp(cfg, "rank")
 
     student_dir, student_label = student_source(cfg, cfg.iteration)
-    student = open_scorer(cfg, cfg.student, student_dir or base_model_dir(cfg, cfg.student))
-    student_scores = student.score_groups(prompts, texts)
-    student_stats = dict(student.stats)
-    student.close()
+    student_scores, student_stats = score_resumably(
+        lambda: open_scorer(cfg, cfg.student, student_dir or base_model_dir(cfg, cfg.student)), ids, prompts, texts,
+        PartialRows(out_dir / "_work" / "student.partial.jsonl", "prompt_id", stamp))
     shortlists = [shortlist(t, s, strategy, cfg.rank.shortlist_m, rng) for t, s in zip(texts, student_scores)]
 
     teacher_scores: list[list[float]] = [[] for _ in rows]
     teacher_stats: dict = {"calls": 0, "seconds": 0.0, "truncated": 0}
     if strategy != "student_only":
         asked = [i for i, s in enumerate(shortlists) if s]
-        teacher = open_scorer(cfg, cfg.teacher, teacher_model_dir(cfg))
-        verdicts = teacher.score_groups([prompts[i] for i in asked], [[texts[i][k] for k in shortlists[i]] for i in asked])
+        verdicts, teacher_stats = score_resumably(
+            lambda: open_scorer(cfg, cfg.teacher, teacher_model_dir(cfg)), [ids[i] for i in asked],
+            [prompts[i] for i in asked], [[texts[i][k] for k in shortlists[i]] for i in asked],
+            PartialRows(out_dir / "_work" / "teacher.partial.jsonl", "prompt_id", stamp))
         for i, v in zip(asked, verdicts):
             teacher_scores[i] = v
-        teacher_stats = {k: v for k, v in teacher.stats.items() if k != "first_position_picks"}
-        if hasattr(teacher, "first_position_rate"):
-            teacher_stats["first_position_rate"] = teacher.first_position_rate
-        teacher.close()
+        if cfg.teacher.kind == "judge":
+            picks = teacher_stats.pop("first_position_picks")
+            teacher_stats["first_position_rate"] = picks / teacher_stats["calls"] if teacher_stats["calls"] else None
 
     score_rows, pairs, no_pair, agreement = [], [], {"too_few_distinct": 0, "tie": 0}, []
     for i, row in enumerate(rows):
