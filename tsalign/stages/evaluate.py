@@ -56,18 +56,23 @@ def plan(cfg: DictConfig) -> Plan:
     return Plan({**section(cfg, "policy", "teacher", "student", "sampler", "data", "evaluate"), "judge": judge}, inputs)
 
 
-def answers(cfg: DictConfig, model_dir: Path, prompts: list[dict], seed: int, cache: Path) -> list[str]:
-    """One answer per prompt; finished chunks are kept in `cache` (base answers are shared by iterations)."""
-    params = sampling_params(cfg, 1, seed)
-    partial = PartialRows(cache, "prompt_id", {"model": fingerprint(model_dir), "params": params.as_dict()})
-    if all(p["prompt_id"] in partial for p in prompts):
-        return [partial.rows[p["prompt_id"]]["candidates"][0]["text"] for p in prompts]
-    sampler = open_sampler(cfg, model_dir, seed)
+def answers(cfg: DictConfig, model_dir: Path, prompts: list[dict], runs: list[tuple[int, Path]]) -> list[list[str]]:
+    """One answer per prompt for each (seed, cache) run, from one model loaded at most once; finished
+    chunks are kept in each cache (pi_0's answers are shared by the iterations)."""
+    model = fingerprint(model_dir)
+    sampler, out = None, []
     try:
-        rows = sample_rows(sampler, prompts, params, partial, model_dir.name, chunk_prompts(cfg, 1))
+        for seed, cache in runs:
+            params = sampling_params(cfg, 1, seed)
+            partial = PartialRows(cache, "prompt_id", {"model": model, "params": params.as_dict()})
+            if not all(p["prompt_id"] in partial for p in prompts):
+                sampler = sampler or open_sampler(cfg, model_dir, seed)
+                sample_rows(sampler, prompts, params, partial, model_dir.name, chunk_prompts(cfg, 1))
+            out.append([partial.rows[p["prompt_id"]]["candidates"][0]["text"] for p in prompts])
     finally:
-        sampler.close()
-    return [r["candidates"][0]["text"] for r in rows]
+        if sampler is not None:
+            sampler.close()
+    return out
 
 
 def compare(prompts: list[list[dict]], policy: list[str], base: list[str], judge, tie: float,
@@ -124,9 +129,11 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
     base_dir = base_model_dir(cfg, cfg.policy)
     shared = exp_dir(cfg) / "_eval_answers"
     key = config_hash([section(cfg, "policy", "sampler", "data"), e.seed])
-    base = answers(cfg, base_dir, held_out, e.seed, shared / f"base-{key}.jsonl")
-    control = answers(cfg, base_dir, held_out, e.seed + 1, shared / f"control-{key}.jsonl") if e.control else None
-    policy = answers(cfg, policy_dir, held_out, e.seed, out_dir / "_work" / "policy_answers.jsonl")
+    base_runs = [(e.seed, shared / f"base-{key}.jsonl")] + ([(e.seed + 1, shared / f"control-{key}.jsonl")]
+                                                            if e.control else [])
+    base, *rest = answers(cfg, base_dir, held_out, base_runs)
+    control = rest[0] if rest else None
+    (policy,) = answers(cfg, policy_dir, held_out, [(e.seed, out_dir / "_work" / "policy_answers.jsonl")])
 
     prompts = [p["messages"] for p in held_out]
     spec = judge_spec(cfg)
