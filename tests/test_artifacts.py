@@ -217,14 +217,47 @@ def test_stage_run_changed_input_raises(tmp_path):
     assert _run(tmp_path, inputs={"candidates": upstream}, redo=True).is_done() is False
 
 
-def test_begin_removes_a_stale_manifest(tmp_path):
+def test_a_redo_replaces_finished_work_only_when_it_has_finished(tmp_path):
     run = _run(tmp_path)
-    run.begin()
-    run.finish({}, {})
+    work = run.begin()
+    atomic_write_jsonl(work / "pairs.jsonl", [{"old": 1}])
+    old = run.finish({}, {"pairs": work / "pairs.jsonl"})
+    old_bytes = (run.directory / "pairs.jsonl").read_bytes()
+
     redo = _run(tmp_path, {"a": 2}, redo=True)
     assert not redo.is_done()
-    redo.begin()
-    assert read_manifest(redo.directory) is None  # a crash now cannot leave the old manifest behind
+    staging = redo.begin()
+    assert staging != redo.directory and staging.parent == redo.directory.parent
+    atomic_write_jsonl(staging / "pairs.jsonl", [{"new": 1}])
+    # the new attempt dies here: the finished stage is untouched and still done
+    assert read_manifest(redo.directory) == old
+    assert (redo.directory / "pairs.jsonl").read_bytes() == old_bytes
+    assert _run(tmp_path).is_done()
+
+    again = _run(tmp_path, {"a": 2}, redo=True)
+    work = again.begin()
+    assert work == staging and (work / "pairs.jsonl").is_file()  # a rerun of the redo resumes in staging
+    manifest = again.finish({}, {"pairs": work / "pairs.jsonl"})
+    assert read_manifest(again.directory) == manifest and manifest["config"] == {"a": 2}
+    assert read_jsonl(again.directory / "pairs.jsonl") == [{"new": 1}]
+    assert not staging.exists()
+    assert _run(tmp_path, {"a": 2}).is_done()
+
+
+def test_damaged_outputs_are_not_done_and_name_the_stage_to_redo(tmp_path):
+    run = _run(tmp_path)
+    work = run.begin()
+    atomic_write_jsonl(work / "pairs.jsonl", [{"x": i} for i in range(3)])
+    run.finish({}, {"pairs": work / "pairs.jsonl"})
+    pairs = run.directory / "pairs.jsonl"
+    os.utime(pairs, ns=(1, 1))  # a copy without mtimes: content unchanged, still fine
+    assert _run(tmp_path).is_done()
+    assert fingerprint(pairs)
+    pairs.write_text(pairs.read_text().splitlines(keepends=True)[0])  # cut at a line boundary
+    with pytest.raises(TsalignError, match=r"changed or damaged after iter_0/rank.*stage=rank iteration=0 redo=true"):
+        _run(tmp_path).is_done()
+    with pytest.raises(TsalignError, match="redo=true"):
+        fingerprint(pairs)  # what a downstream stage does before reading it
 
 
 def test_stage_lock_is_exclusive(tmp_path):
@@ -299,6 +332,16 @@ def test_finished_outputs_are_fingerprinted_once_from_their_manifest(tmp_path):
     run.begin()
     manifest = run.finish({}, {"policy": stage / "policy"})
     assert manifest["output_sha256"] == {"policy": unfinished}
+    calls = []
+    import tsalign.artifacts as artifacts
+
+    real = artifacts.content_fingerprint
+    artifacts.content_fingerprint = lambda *a, **k: calls.append(a) or real(*a, **k)
+    try:
+        assert fingerprint(stage / "policy") == unfinished  # recorded (size and mtime checked), not recomputed
+    finally:
+        artifacts.content_fingerprint = real
+    assert calls == []
     atomic_write_text(stage / "policy" / "weights.bin", "changed behind the manifest's back")
-    assert fingerprint(stage / "policy") == unfinished  # recorded, not recomputed
-    assert content_fingerprint(stage / "policy") != unfinished
+    with pytest.raises(TsalignError, match="changed or damaged"):
+        fingerprint(stage / "policy")

@@ -70,6 +70,7 @@ def test_folder_that_is_not_a_model(run_cli, tmp_path):
     ("sampler.nope=1", "sampler.nope"),
     ("sampler.temperature=abc", "sampler.temperature"),
     ("sampler=nope", "nope"),
+    ("sampler.backend=foo", "Invalid value 'foo', expected one of [hf, vllm]"),
 ])
 def test_bad_override_is_hydras_short_error(run_cli, tmp_path, override, needle):
     done = _fail(run_cli, tmp_path, override)
@@ -78,8 +79,8 @@ def test_bad_override_is_hydras_short_error(run_cli, tmp_path, override, needle)
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("sampler.backend=foo", "sampler.backend=foo is not one of: hf, vllm"),
     ("iteration=-1", "iteration must be >= 0"),
+    ("student.kind=judge", "student.kind=judge is not one of: reward_model"),
 ])
 def test_bad_choice_is_validated(run_cli, tmp_path, override, needle):
     line = _tsalign_error(_fail(run_cli, tmp_path, override))

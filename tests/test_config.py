@@ -119,14 +119,31 @@ def test_every_stage_has_a_yaml():
     assert {p.stem for p in (CONF / "stage").glob("*.yaml")} == set(STAGES)
 
 
+@pytest.mark.parametrize("override,allowed", [
+    ("sampler.backend=foo", "[hf, vllm]"),
+    ("data.schedule=sometimes", "[fresh, reuse]"),
+    ("device=tpu", "[auto, cpu, cuda]"),
+    ("data.source=hub", "[alpaca_eval, alpaca, file]"),
+    ("rank.selection=best", "best_worst"),
+    ("teacher.kind=oracle", "[causal_lm, reward_model, judge]"),
+    ("dpo.reference=pi_7", "[previous, initial]"),
+    ("logger.backend=mlflow", "[none, wandb]"),
+])
+def test_closed_choices_fail_at_compose_time(compose, override, allowed):
+    """Choices are enum types (tsalign/choices.py): Hydra names the key and the allowed values."""
+    with pytest.raises(ConfigCompositionException) as info:
+        compose([override])
+    message = str(info.value) + str(info.value.__cause__)
+    assert override.split("=")[0] in message and allowed in message
+
+
 @pytest.mark.parametrize("override,message", [
-    ("sampler.backend=foo", "sampler.backend=foo"),
-    ("data.schedule=sometimes", "data.schedule"),
     ("iteration=-1", "iteration must be >= 0"),
     ("generate.num_candidates=0", "generate.num_candidates must be >= 1"),
-    ("device=tpu", "device=tpu"),
+    ("policy.kind=reward_model", "policy.kind=reward_model is not one of: causal_lm"),
+    ("student.kind=judge", "student.kind=judge is not one of: reward_model"),
 ])
-def test_validate_rejects_bad_choices(compose, override, message):
+def test_validate_rejects_bad_ranges_and_roles(compose, override, message):
     from tsalign.errors import TsalignError
 
     cfg = compose([override])

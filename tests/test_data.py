@@ -69,7 +69,7 @@ def test_iteration_shard_max_prompts_and_bad_schedule():
     capped = iteration_shard(train, 1, 8, "fresh", max_prompts=3)
     assert _ids(capped) == _ids(iteration_shard(train, 1, 8, "fresh"))[:3]
     assert len(iteration_shard(train, 0, 8, "fresh", max_prompts=100)) == 8
-    with pytest.raises(TsalignError, match="schedule"):
+    with pytest.raises(ValueError, match="not a valid Schedule"):
         iteration_shard(train, 0, 8, "sometimes")
 
 
@@ -196,7 +196,7 @@ def test_prompt_file_errors(tmp_path, cache_dir):
     empty.write_text("[]")
     with pytest.raises(TsalignError, match="no prompts"):
         load_prompt_pool("file", cache_dir, str(empty))
-    with pytest.raises(TsalignError, match="unknown"):
+    with pytest.raises(ValueError, match="not a valid DataSource"):
         load_prompt_pool("dolly", cache_dir)
 
 

@@ -13,10 +13,11 @@ from omegaconf import OmegaConf
 import tsalign.cli
 from tsalign.artifacts import StageRun, atomic_write_jsonl, read_manifest, stage_dir
 from tsalign.errors import TsalignError
+from tsalign.lineage import base_model_dir
 from tsalign.models import load_causal_lm, load_tokenizer
 from tsalign.preference import chat_len, fit_pair, to_trl_row
+from tsalign.runner import run_stage
 from tsalign.stages import dpo
-from tsalign.stages.common import base_model_dir, run_stage
 
 FAST = ["dpo.max_steps=2", "dpo.batch_size=2", "dpo.max_length=96", "dpo.save_steps=100",
         "optimizer.learning_rate=1e-3"]

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import tsalign.stages.generate as gen
+import tsalign.sampling
+import tsalign.sampling.resumable as resumable
 from tsalign.artifacts import ConfigChanged, read_jsonl, read_manifest
 from tsalign.errors import TsalignError
 from tsalign.sampling import Completion, SamplingParams, make_sampler
@@ -41,7 +42,7 @@ class Recording:
 @pytest.fixture
 def sampler_spy(monkeypatch):
     """spy(fail_on_call=None) -> list of Recording samplers made by the generate stage."""
-    real = gen.make_sampler
+    real = tsalign.sampling.make_sampler
 
     def install(fail_on_call=None):
         made = []
@@ -50,7 +51,7 @@ def sampler_spy(monkeypatch):
             made.append(Recording(real(*args, **kwargs), fail_on_call))
             return made[-1]
 
-        monkeypatch.setattr(gen, "make_sampler", make)
+        monkeypatch.setattr(tsalign.sampling, "make_sampler", make)
         return made
 
     return install
@@ -122,7 +123,7 @@ def test_generate_crash_resumes_only_missing_prompts(run_stage, tmp_path, sample
     out = tmp_path / "outputs"
     # 2 chunks: 8 + 4 prompts (CHUNK_PROMPTS=8); short and few candidates to keep three runs cheap
     overrides = ["data.prompts_per_iteration=12", "generate.num_candidates=2", "sampler.max_new_tokens=6"]
-    assert gen.CHUNK_PROMPTS == 8
+    assert resumable.CHUNK_PROMPTS == 8
     made = sampler_spy(fail_on_call=2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_stage("generate", overrides, outputs=out)
@@ -183,7 +184,7 @@ def test_generate_real_smollm2(run_stage, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_policy_dir(compose):
-    from tsalign.stages.common import base_model_dir
+    from tsalign.lineage import base_model_dir
 
     cfg = compose(["model=tiny"])
     return base_model_dir(cfg, cfg.policy)
@@ -300,7 +301,7 @@ def test_vllm_through_the_generate_stage(fake_vllm, run_stage, tmp_path):
                               outputs=tmp_path / "outputs")
     (llm,) = fake_vllm.llms
     assert llm.kwargs["tensor_parallel_size"] == 2 and llm.kwargs["gpu_memory_utilization"] == 0.6
-    assert llm.kwargs["seed"] == gen.derived_seed(cfg.seed, cfg.iteration)
+    assert llm.kwargs["seed"] == resumable.derived_seed(cfg.seed, cfg.iteration)
     sp = llm.chats[0]["sampling_params"].kwargs
     assert sp["n"] == cfg.generate.num_candidates and sp["max_tokens"] == 9
     _check_candidates(cfg, manifest, cfg.data.prompts_per_iteration, cfg.generate.num_candidates)
@@ -321,5 +322,5 @@ def test_vllm_without_gpu(fake_vllm, monkeypatch, tmp_path):
 
 
 def test_unknown_backend(tmp_path):
-    with pytest.raises(TsalignError, match="unknown"):
+    with pytest.raises(ValueError, match="not a valid SamplerBackend"):
         make_sampler("tgi", tmp_path)

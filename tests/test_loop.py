@@ -184,8 +184,8 @@ def test_evaluate_with_an_independent_judge(looped):
 
 
 def test_unknown_judge_option_lists_the_options():
+    from tsalign.engines import teacher_option
     from tsalign.errors import TsalignError
-    from tsalign.stages.common import teacher_option
 
     with pytest.raises(TsalignError, match="minilm_rm"):
         teacher_option("no_such_judge")

@@ -15,9 +15,11 @@ from omegaconf import OmegaConf
 import tsalign.cli
 from tsalign.artifacts import ConfigChanged, read_jsonl, read_manifest, stage_dir
 from tsalign.config import FitSpec
+from tsalign.engines import teacher_model_dir
 from tsalign.errors import TsalignError
+from tsalign.lineage import base_model_dir
+from tsalign.runner import run_stage
 from tsalign.selection import Verdict, student_agrees
-from tsalign.stages.common import base_model_dir, run_stage, teacher_model_dir
 
 K, PROMPTS = 3, 4  # conf/model/tiny.yaml: generate.num_candidates, data.prompts_per_iteration
 
@@ -275,6 +277,24 @@ def test_distill_writes_a_trained_one_output_student(ts):
     assert metrics["train"]["loss_first"] is not None
 
 
+def test_distill_fingerprints_the_teacher_fit_it_reads(ts, tmp_path):
+    """distill reports the student on the human pairs the teacher's fit held out: a change to the
+    teacher's fit must make a finished distill stale, not leave it 'done' with stale metrics."""
+    from tsalign.runner import stage_record
+
+    human = write_human_pairs(tmp_path / "human.jsonl")
+    cfg = configure(ts["outputs"], "stage=distill", "experiment_name=ts", f"teacher.fit.data={human}")
+    _, plan, record = stage_record(cfg, "distill")
+    assert plan.config["teacher"]["fit"]["data"] == str(human)
+    with pytest.raises(ConfigChanged, match=r"changed: teacher\)"):
+        record.is_done()
+    more_epochs = configure(ts["outputs"], "stage=distill", "experiment_name=ts", f"teacher.fit.data={human}",
+                            "teacher.fit.epochs=5")
+    assert stage_record(more_epochs, "distill")[1].config["teacher"]["fit"]["epochs"] == 5
+    # without a fit there is no human hold-out to report, and the teacher is not an input of distill
+    assert "teacher" not in stage_record(ts["distill_cfg"], "distill")[1].config
+
+
 # ---------------------------------------------------------------- errors a user can make
 
 
@@ -292,8 +312,27 @@ def test_rank_before_generate_says_what_to_run(tmp_path):
         run(tmp_path, "rank", "experiment_name=x", "rank.candidates_from=no_such_experiment")
 
 
+def unverified(path: Path) -> Path:
+    """Drop the output hashes from the copy's manifest: a hand-written candidates file, or one from
+    a version that did not record them, is read and checked row by row."""
+    manifest = json.loads((path.parent / "manifest.json").read_text())
+    del manifest["output_stat"], manifest["output_sha256"]
+    (path.parent / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+@pytest.mark.parametrize("damage", ["cut_mid_line", "cut_at_line_boundary"])
+def test_damaged_candidates_file_names_the_stage_to_redo(ts, damage):
+    path = copy_generate(ts, damage)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "cut_mid_line" else b"".join(data.splitlines(True)[:2]))
+    with pytest.raises(TsalignError, match=f"{path} was changed or damaged.*stage=generate iteration=0 redo=true"):
+        run(ts["outputs"], "rank", f"experiment_name={damage}", "redo=true")
+    assert read_manifest(path.parent.parent / "rank") is None
+
+
 def test_malformed_candidates_file_names_file_and_line(ts):
-    path = copy_generate(ts, "bad_json")
+    path = unverified(copy_generate(ts, "bad_json"))
     lines = path.read_text().splitlines(keepends=True)
     path.write_text(lines[0] + '{"prompt_id": "cut", "candidates": [\n' + "".join(lines[1:]))
     with pytest.raises(TsalignError, match=f"{path}:2: malformed JSON"):
@@ -302,7 +341,7 @@ def test_malformed_candidates_file_names_file_and_line(ts):
 
 
 def test_candidates_row_without_candidates_is_a_clear_error(ts):
-    path = copy_generate(ts, "no_cands")
+    path = unverified(copy_generate(ts, "no_cands"))
     rows = read_jsonl(path)
     del rows[2]["candidates"]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

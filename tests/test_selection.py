@@ -68,7 +68,7 @@ def test_random_pair_draws_differ_along_one_rng():
 
 
 def test_unknown_strategy_is_an_error():
-    with pytest.raises(ValueError, match="unknown selection strategy"):
+    with pytest.raises(ValueError, match="not a valid Selection"):
         shortlist(TEXTS, SCORES, "best_of_n")
 
 

@@ -4,7 +4,10 @@
 
 A stage directory without manifest.json is unfinished: its files are overwritten on the next run.
 Every file is written to a temp name in the same directory, fsynced and renamed, so a crash leaves
-either the old file or the new one, never half of one. This module knows nothing of stages.
+either the old file or the new one, never half of one. A redo of a finished stage works in a staging
+directory beside it and replaces the finished one only once it has finished itself. Finished outputs
+are checked against their manifest (size and mtime, the content hash when those differ) before
+anything trusts them. This module knows nothing of stages.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,10 +30,6 @@ from tsalign.errors import TsalignError
 
 MANIFEST = "manifest.json"
 _VERSIONED = ("tsalign", "torch", "transformers", "trl", "accelerate", "peft", "datasets", "hydra-core", "vllm")
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class ConfigChanged(TsalignError):
@@ -56,9 +54,10 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    # os.open applies the umask to 0o666 as any file gets it (mkstemp would make 0600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600: artifacts are shared like any file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -89,21 +88,26 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp dir beside `path`; on success it replaces `path` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    os.chmod(tmp, 0o777 & ~_UMASK)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp.mkdir(mode=0o777)  # the umask applies (mkdtemp would make 0700)
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:12]}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Move the finished folder `new` to `path`, replacing what is there only after `new` is complete."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:12]}")
+        os.replace(path, old)
+        os.replace(new, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, path)
+    _fsync_dir(path.parent)
 
 
 def read_jsonl(path: str | Path, what: str = "file") -> list[dict]:
@@ -134,29 +138,73 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _recorded(path: Path) -> tuple[dict, str] | None:
+    """(manifest, output name) when `path` is an output recorded in its folder's manifest."""
+    manifest = read_manifest(path.parent)
+    for name, rel in (manifest or {}).get("outputs", {}).items():
+        if rel == path.name:
+            return manifest, name
+    return None
+
+
+def verify_output(path: str | Path) -> Path:
+    """`path` unchanged since its stage finished, else a one-line error naming the stage to redo.
+    Size and mtime are compared first; only when they differ is the content re-hashed (a copy made
+    without preserving mtimes is still fine)."""
+    path = Path(path)
+    found = _recorded(path)
+    if found is None:
+        return path
+    manifest, name = found
+    stat, sha = manifest.get("output_stat", {}).get(name), manifest.get("output_sha256", {}).get(name)
+    if stat is None or sha is None or (path.exists() and stat_signature(path) == stat):
+        return path
+    if path.exists() and content_fingerprint(path, missing_ok=True) == sha:
+        return path
+    where = f"iter_{manifest.get('iteration')}/{manifest.get('stage')}"
+    raise TsalignError(f"{path} was changed or damaged after {where} finished (it no longer matches that stage's "
+                       f"manifest); rerun `tsalign stage={manifest.get('stage')} iteration={manifest.get('iteration')} "
+                       "redo=true`")
+
+
 def fingerprint(path: str | Path) -> str:
     """Content hash of an input. A finished stage's output is immutable and its manifest records its
-    hash, so a multi-GB checkpoint is hashed once, when its stage finishes, not by every reader."""
+    hash, so a multi-GB checkpoint is hashed once, when its stage finishes, not by every reader; it
+    is verified (verify_output) before its recorded hash is trusted."""
     path = Path(path)
-    manifest = path.parent / MANIFEST
-    if manifest.is_file():
-        recorded = json.loads(manifest.read_text())
-        for name, rel in recorded.get("outputs", {}).items():
-            if rel == path.name and name in recorded.get("output_sha256", {}):
-                return recorded["output_sha256"][name]
+    found = _recorded(path)
+    if found and found[1] in found[0].get("output_sha256", {}):
+        verify_output(path)
+        return found[0]["output_sha256"][found[1]]
     return content_fingerprint(path)
 
 
-def content_fingerprint(path: str | Path) -> str:
-    """Content hash of a file, or of every file in a directory (names included)."""
+def _content_files(path: Path) -> list[Path]:
+    """The files that define an output: the file itself, or a folder's files minus temp files,
+    dotfiles and manifests."""
+    if path.is_file():
+        return [path]
+    return [p for p in sorted(path.rglob("*")) if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(path).parts) and p.name != MANIFEST]
+
+
+def stat_signature(path: str | Path) -> str:
+    """Cheap identity of an output: names, sizes and modification times of its files."""
+    path = Path(path)
+    entries = [(str(p.relative_to(path)) if p != path else p.name, p.stat().st_size, p.stat().st_mtime_ns)
+               for p in _content_files(path)]
+    return config_hash(entries)
+
+
+def content_fingerprint(path: str | Path, missing_ok: bool = False) -> str:
+    """Content hash of a file, or of every file in a directory (names included; temp files, dotfiles
+    and manifests, which hold timings, excluded)."""
     path = Path(path)
     h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    if not files:
+    files = _content_files(path) if path.exists() else []
+    if not files and not missing_ok:
         raise TsalignError(f"input not found: {path}")
     for p in files:
-        if p != path and (p.name.startswith(".") or p.name == MANIFEST):
-            continue  # temp files and manifests (timings) do not define content
         h.update(str(p.relative_to(path) if p != path else p.name).encode())
         with p.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -184,7 +232,11 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 @dataclass
 class StageRun:
-    """One stage of one iteration: decides skip / run, and writes the manifest last."""
+    """One stage of one iteration: decides skip / run, and writes the manifest last.
+
+    A first run (or a resumed unfinished one) works in `directory` itself. A redo of a finished stage
+    works in `staging` (iter_<t>/.<stage>.redo, kept across crashes so the redo resumes too) and is
+    swapped in by `finish`: until then the finished outputs and their manifest stay valid."""
 
     directory: Path
     stage: str
@@ -193,16 +245,26 @@ class StageRun:
     inputs: dict[str, Path] = field(default_factory=dict)
     redo: bool = False
     started: float = field(default_factory=time.time)
+    work_dir: Path | None = None  # where the outputs are written: set by begin()
 
     @property
     def manifest_path(self) -> Path:
         return self.directory / MANIFEST
 
+    @property
+    def staging(self) -> Path:
+        return self.directory.with_name(f".{self.directory.name}.redo")
+
     def input_fingerprints(self) -> dict[str, dict]:
         return {name: {"path": str(p), "sha256": fingerprint(p)} for name, p in self.inputs.items()}
 
+    def stamp(self) -> dict:
+        """What resumable partial work (_work/) is valid for: this config and these exact inputs."""
+        return {"config": self.config, "inputs": {k: v["sha256"] for k, v in self.input_fingerprints().items()}}
+
     def is_done(self) -> bool:
-        """True when a matching manifest exists. Raises ConfigChanged when it does not match."""
+        """True when a matching manifest exists and its outputs are intact. Raises ConfigChanged when
+        the config or inputs differ, TsalignError when an output was damaged after the stage finished."""
         if not self.manifest_path.is_file():
             return False
         old = json.loads(self.manifest_path.read_text())
@@ -213,6 +275,8 @@ class StageRun:
         if self.redo:
             return False
         if not changed:
+            for rel in old.get("outputs", {}).values():
+                verify_output(self.directory / rel)
             return True
         shown = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
         raise ConfigChanged(
@@ -220,22 +284,26 @@ class StageRun:
             "add redo=true to replace it, or set another experiment_name"
         )
 
-    def begin(self) -> None:
-        """Called before work starts: a stale manifest (redo) goes first, so a crash cannot leave it."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def begin(self) -> Path:
+        """Where this attempt writes: the stage dir, or the staging dir when a finished stage is redone."""
+        self.work_dir = self.staging if self.manifest_path.is_file() else self.directory
+        self.work_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
-            self.manifest_path.unlink()
+            (self.work_dir / MANIFEST).unlink()
         self.started = time.time()
+        return self.work_dir
 
     def finish(self, counts: dict, outputs: dict[str, str | Path], extra: dict | None = None) -> dict:
+        work = self.work_dir or self.directory
         manifest = {
             "stage": self.stage,
             "iteration": self.iteration,
             "config_hash": config_hash(self.config),
             "config": self.config,
             "inputs": self.input_fingerprints(),
-            "outputs": {k: str(Path(v).relative_to(self.directory)) for k, v in outputs.items()},
+            "outputs": {k: str(Path(v).relative_to(work)) for k, v in outputs.items()},
             "output_sha256": {k: content_fingerprint(v) for k, v in outputs.items()},
+            "output_stat": {k: stat_signature(v) for k, v in outputs.items()},
             "counts": counts,
             "versions": package_versions(),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
@@ -243,15 +311,20 @@ class StageRun:
             "host": platform.node(),
             **(extra or {}),
         }
-        atomic_write_json(self.manifest_path, manifest)
+        shutil.rmtree(work / "_work", ignore_errors=True)  # resume state, no longer needed
+        atomic_write_json(work / MANIFEST, manifest)
+        if work != self.directory:
+            replace_dir(work, self.directory)
+        self.work_dir = self.directory
         return manifest
 
 
 @contextlib.contextmanager
 def stage_lock(directory: Path) -> Iterator[None]:
-    """One writer per stage directory; the lock dies with its process (kill -9 included)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as f:
+    """One writer per stage directory (the lock file sits beside it, so a redo can swap the directory);
+    the lock dies with its process (kill -9 included)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.with_name(f".{directory.name}.lock"), "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -10,41 +10,27 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-import tsalign.config  # noqa: F401  (registers the schema in Hydra's ConfigStore)
-from tsalign.config import STAGES, conf_dir
+from tsalign.choices import ROLE_KINDS, Stage
+from tsalign.config import conf_dir, register_configs
 from tsalign.errors import TsalignError
-from tsalign.selection import STRATEGIES
 
 CONF_DIR = str(conf_dir())
 
-_CHOICES = {
-    "stage": STAGES,
-    "policy.kind": ("causal_lm",),
-    "student.kind": ("reward_model",),
-    "teacher.kind": ("reward_model", "judge"),
-    "sampler.backend": ("hf", "vllm"),
-    "data.source": ("alpaca_eval", "alpaca", "file"),
-    "data.schedule": ("fresh", "reuse"),
-    "rank.selection": STRATEGIES,
-    "distill.source": ("teacher", "human"),
-    "distill.replay": ("all", "last", "none"),
-    "dpo.reference": ("previous", "initial"),
-    "logger.backend": ("none", "wandb"),
-    "device": ("auto", "cpu", "cuda"),
-}
-
 
 def validate(cfg: DictConfig) -> None:
-    for key, allowed in _CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise TsalignError(f"{key}={value} is not one of: {', '.join(allowed)}")
+    """What the schema's types cannot say: which model kinds each role takes, and value ranges.
+    (Closed sets of values are enums in tsalign/choices.py, rejected by Hydra at compose time.)"""
+    for role, kinds in ROLE_KINDS.items():
+        kind = OmegaConf.select(cfg, f"{role}.kind")
+        if kind not in kinds:
+            raise TsalignError(f"{role}.kind={kind} is not one of: {', '.join(kinds)}")
     for key in ("iteration", "iterations", "generate.num_candidates", "data.prompts_per_iteration", "data.eval_prompts",
                 "rank.shortlist_m"):
         if OmegaConf.select(cfg, key) < (0 if key == "iteration" else 1):
@@ -98,16 +84,16 @@ def _main(cfg: DictConfig) -> None:
         print(f"[tsalign] stage={cfg.stage} iteration={cfg.iteration} experiment={cfg.experiment_dir} "
               f"policy={cfg.policy.name} teacher={cfg.teacher.name} student={cfg.student.name} "
               f"sampler={cfg.sampler.backend}")
-        if cfg.stage == "loop":
+        if cfg.stage == Stage.loop:
             from hydra.core.hydra_config import HydraConfig
 
             from tsalign.stages.loop import run_loop
 
             run_loop(cfg, list(HydraConfig.get().overrides.task))
         else:
-            from tsalign.stages.common import run_stage
+            from tsalign.runner import run_stage
 
-            run_stage(cfg, cfg.stage)
+            run_stage(cfg, str(cfg.stage))
     except TsalignError as e:
         print(f"tsalign: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -117,6 +103,10 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    # offline by default: nothing is fetched from a model hub at run time (set before transformers loads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    register_configs()
     _main()
 
 

@@ -1,7 +1,8 @@
-"""Typed config schemas, registered in Hydra's ConfigStore.
+"""Typed config schemas, registered in Hydra's ConfigStore by `register_configs()` (the CLI calls it).
 
 conf/config.yaml starts its defaults list with `tsalign_schema`, so every YAML merges into these
-dataclasses: a misspelled key or a wrong type fails at compose time with Hydra's own message.
+dataclasses: a misspelled key, a wrong type or a value outside a closed set (tsalign/choices.py)
+fails at compose time with Hydra's own message naming the key.
 """
 
 from __future__ import annotations
@@ -13,8 +14,24 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-STAGES = ("generate", "rank", "distill", "dpo", "evaluate", "loop")
-PIPELINE = ("generate", "rank", "distill", "dpo", "evaluate")
+from tsalign.choices import (
+    PIPELINE,
+    DataSource,
+    Device,
+    DistillSource,
+    Dtype,
+    LoggerBackend,
+    ModelKind,
+    Reference,
+    Replay,
+    SamplerBackend,
+    Schedule,
+    Selection,
+    Stage,
+)
+
+STAGES = tuple(Stage)
+__all__ = ["PIPELINE", "STAGES", "TsalignConfig", "register_configs", "conf_dir"]
 
 
 @dataclass
@@ -37,11 +54,11 @@ class ModelSpec:
     name: str = MISSING  # short label for logs and manifests
     # HF folder, hub id (read from the local HF cache only), or pkg://<python package>/<file.gguf | folder>
     path: str = MISSING
-    kind: str = "causal_lm"  # causal_lm | reward_model | judge
+    kind: ModelKind = ModelKind.causal_lm  # per role: tsalign.choices.ROLE_KINDS
     # Config overrides that turn `path` into a small randomly initialised model with the real tokenizer.
     tiny: Optional[Dict[str, Any]] = None
     seed: int = 0  # init seed of a tiny model or of a new reward head
-    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    dtype: Dtype = Dtype.float32
     trust_remote_code: bool = False
     # reward models only: fit on human pairs first when fit.data is set (the CPU teacher); a typed node, never
     # null, so `teacher.fit.data=...` works on the command line
@@ -56,7 +73,7 @@ class ModelSpec:
 
 @dataclass
 class SamplerConfig:
-    backend: str = "hf"  # hf | vllm
+    backend: SamplerBackend = SamplerBackend.hf
     temperature: float = 0.8
     top_p: float = 0.95
     max_new_tokens: int = 128
@@ -71,7 +88,7 @@ class SamplerConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "alpaca_eval"  # alpaca_eval | alpaca | file
+    source: DataSource = DataSource.alpaca_eval
     path: Optional[str] = None  # source=file: JSON / JSONL / Parquet file or a `datasets` folder
     prompt_field: str = "instruction"  # source=file: a text field, or a list of chat messages
     input_field: Optional[str] = "input"  # appended to the instruction when present (Alpaca style)
@@ -79,7 +96,7 @@ class DataConfig:
     eval_prompts: int = 32  # held-out shard, never trained on
     prompts_per_iteration: int = 32
     max_prompts: Optional[int] = None  # cap on this iteration's shard (quick runs)
-    schedule: str = "fresh"  # fresh: a new shard per iteration | reuse: shard 0 every iteration
+    schedule: Schedule = Schedule.fresh
     split_seed: int = 0
 
 
@@ -100,9 +117,7 @@ class GenerateConfig:
 
 @dataclass
 class RankConfig:
-    # best_worst (paper default) | top_bottom (top-m vs bottom-m) | all (teacher-only baseline)
-    # | random_pair | student_only (no teacher)
-    selection: str = "best_worst"
+    selection: Selection = Selection.best_worst  # which candidates the teacher sees
     shortlist_m: int = 1
     tie_threshold: float = 0.0  # teacher score gaps at or below this make no pair
     # Rank another experiment's candidates (its name under paths.outputs, or its dir): baselines on the same K
@@ -111,9 +126,9 @@ class RankConfig:
 
 @dataclass
 class DistillConfig:
-    source: str = "teacher"  # teacher: this iteration's pairs | human: fit on human pairs (data below)
+    source: DistillSource = DistillSource.teacher
     human_data: str = "llamafactory_dpo"
-    replay: str = "all"  # all | none | last: earlier iterations' pairs mixed in
+    replay: Replay = Replay.all  # earlier iterations' pairs mixed in
     holdout_fraction: float = 0.2
     use_margin: bool = False
     epochs: int = 3
@@ -126,7 +141,7 @@ class DistillConfig:
 class DpoConfig:
     beta: float = 0.1
     loss_type: str = "sigmoid"
-    reference: str = "previous"  # previous: pi_t | initial: pi_0
+    reference: Reference = Reference.previous
     epochs: float = 1.0
     max_steps: int = -1
     batch_size: int = 2
@@ -153,7 +168,7 @@ class EvaluateConfig:
 
 @dataclass
 class LoggerConfig:
-    backend: str = "none"  # none | wandb
+    backend: LoggerBackend = LoggerBackend.none
     project: str = "tsalign"
     mode: Optional[str] = None  # wandb mode; offline unless set here or in WANDB_MODE
     entity: Optional[str] = None
@@ -167,14 +182,14 @@ class PathsConfig:
 
 @dataclass
 class TsalignConfig:
-    stage: str = "generate"
+    stage: Stage = Stage.generate
     experiment_name: str = "default"
     experiment_dir: Optional[str] = None  # resolved by the CLI: <paths.outputs>/<experiment_name>[/<sweep job>]
     iteration: int = 0
     iterations: int = 1  # stage=loop
     seed: int = 42
     redo: bool = False  # replace this stage's artifacts even if the config changed
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device.auto
     threads: Optional[int] = None  # torch CPU threads
     policy: ModelSpec = MISSING
     teacher: ModelSpec = MISSING
@@ -199,7 +214,5 @@ def conf_dir() -> Path:
 
 
 def register_configs() -> None:
+    """Make `tsalign_schema` known to Hydra (idempotent). Called by the CLI and the tests, not on import."""
     ConfigStore.instance().store(name="tsalign_schema", node=TsalignConfig)
-
-
-register_configs()

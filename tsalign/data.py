@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from tsalign.artifacts import atomic_write_bytes, read_jsonl
+from tsalign.choices import DataSource, Schedule
 from tsalign.errors import TsalignError
 
 SDISTS = {
@@ -114,15 +115,13 @@ def _read_rows(path: Path) -> list[dict]:
 
 def load_prompt_pool(source: str, cache_dir: str | Path, path: str | None = None, prompt_field: str = "instruction",
                      input_field: str | None = "input", system_prompt: str | None = None) -> list[dict]:
-    if source == "file":
+    if DataSource(source) is DataSource.file:
         if not path:
             raise TsalignError("data=file needs data.path=<JSON/JSONL/Parquet file or datasets folder>")
         file, tag = Path(path).expanduser(), Path(path).stem
-    elif source in ("alpaca_eval", "alpaca"):
-        file, tag = embedded_file(source, cache_dir), source
+    else:  # an embedded pool
+        file, tag = embedded_file(source, cache_dir), str(source)
         prompt_field, input_field = "instruction", "input"
-    else:
-        raise TsalignError(f"data.source '{source}' unknown; use alpaca_eval, alpaca or file")
     pool, seen = [], set()
     for i, row in enumerate(_read_rows(file)):
         where = f"{file} row {i + 1}"
@@ -152,9 +151,7 @@ def split_pool(pool: list[dict], eval_prompts: int, prompts_per_iteration: int, 
 
 def iteration_shard(train: list[dict], iteration: int, per_iteration: int, schedule: str,
                     max_prompts: int | None = None) -> list[dict]:
-    if schedule not in ("fresh", "reuse"):
-        raise TsalignError(f"data.schedule '{schedule}' unknown; use fresh or reuse")
-    start = 0 if schedule == "reuse" else iteration * per_iteration
+    start = 0 if Schedule(schedule) is Schedule.reuse else iteration * per_iteration
     shard = train[start : start + per_iteration]
     if len(shard) < per_iteration:
         raise TsalignError(f"prompt pool exhausted at iteration {iteration} ({len(train)} training prompts, "

@@ -11,21 +11,16 @@ import contextlib
 import importlib.util
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from tsalign.artifacts import atomic_dir, config_hash
+from tsalign.choices import Dtype
 from tsalign.errors import TsalignError
 
 log = logging.getLogger(__name__)
 
-# Offline is the default: nothing is fetched from a hub at run time.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-
-_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 def resolve_model_dir(
@@ -137,13 +132,12 @@ def pick_device(device: str = "auto") -> str:
 def torch_dtype(name: str, device: str):
     import torch
 
-    if name not in _DTYPES:
-        raise TsalignError(f"dtype '{name}' unknown; use one of {', '.join(_DTYPES)}")
-    if name == "auto":
+    name = Dtype(name)
+    if name is Dtype.auto:
         return torch.bfloat16 if device == "cuda" else torch.float32
     if device == "cpu" and name != "float32":
         return torch.float32  # bf16/fp16 matmuls are ~20x slower on this kind of CPU
-    return getattr(torch, name)
+    return getattr(torch, str(name))
 
 
 def _quiet_transformers() -> None:

@@ -7,6 +7,19 @@ conversational preference format); the tokenizer is any HF tokenizer with a chat
 from __future__ import annotations
 
 
+def response_text(messages_or_text) -> str:
+    """The answer of a pair side: a plain string, or the last message's content."""
+    return messages_or_text if isinstance(messages_or_text, str) else messages_or_text[-1]["content"]
+
+
+def pairs_longer_wins(pairs: list[dict]) -> float:
+    """The 'longer answer wins' baseline on preference pairs (stats.longer_wins_rate: ties half)."""
+    from tsalign.stats import longer_wins_rate
+
+    return longer_wins_rate([len(response_text(p["chosen"])) for p in pairs],
+                            [len(response_text(p["rejected"])) for p in pairs])
+
+
 def to_trl_row(pair: dict) -> dict:
     """Keep what DPO trains on (role + content); provenance keys (margin, scores, ...) are dropped."""
     keys = ("prompt", "chosen", "rejected")

@@ -18,13 +18,10 @@ import torch
 from tsalign.artifacts import atomic_dir, atomic_write_json, config_hash, fingerprint
 from tsalign.losses import bradley_terry_loss, pairwise_accuracy
 from tsalign.models import load_reward_model, load_tokenizer
+from tsalign.preference import pairs_longer_wins, response_text
 from tsalign.scoring.reward_model import RewardModelScorer, collate, encode_pair_text
 
 log = logging.getLogger(__name__)
-
-
-def response_text(messages_or_text) -> str:
-    return messages_or_text if isinstance(messages_or_text, str) else messages_or_text[-1]["content"]
 
 
 def train_reward_model(model_dir: Path, out_dir: Path, pairs: list[dict], *, epochs: int = 1, batch_size: int = 8,
@@ -87,14 +84,7 @@ def pair_accuracy(model_dir: Path, pairs: list[dict], max_length: int = 256, dev
     chosen = scorer.score_texts(prompts, [response_text(p["chosen"]) for p in pairs])
     rejected = scorer.score_texts(prompts, [response_text(p["rejected"]) for p in pairs])
     scorer.close()
-    return {"pairs": len(pairs), "accuracy": pairwise_accuracy(chosen, rejected), "longer_wins": longer_wins(pairs)}
-
-
-def longer_wins(pairs: list[dict]) -> float:
-    """Accuracy of the rule 'the longer response is better' (ties half): the baseline to beat."""
-    c = [len(response_text(p["chosen"])) for p in pairs]
-    r = [len(response_text(p["rejected"])) for p in pairs]
-    return pairwise_accuracy([float(x) for x in c], [float(x) for x in r])
+    return {"pairs": len(pairs), "accuracy": pairwise_accuracy(chosen, rejected), "longer_wins": pairs_longer_wins(pairs)}
 
 
 def fitted_reward_model(base_dir: Path, fit: dict, cache_dir: Path, name: str, device: str = "cpu",

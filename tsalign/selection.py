@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-STRATEGIES = ("best_worst", "top_bottom", "all", "random_pair", "student_only")
+from tsalign.choices import Selection
 
 
 def distinct_valid(texts: list[str]) -> list[int]:
@@ -24,24 +24,21 @@ def distinct_valid(texts: list[str]) -> list[int]:
     return keep
 
 
-def shortlist(texts: list[str], student_scores: list[float], strategy: str = "best_worst", m: int = 1,
+def shortlist(texts: list[str], student_scores: list[float], strategy: str = Selection.best_worst, m: int = 1,
               rng: random.Random | None = None) -> list[int]:
     """Candidate indices the teacher scores ([] = no pair possible). Ties in student score keep index order."""
+    strategy = Selection(strategy)
     pool = distinct_valid(texts)
     if len(pool) < 2:
         return []
     ranked = sorted(pool, key=lambda i: (-student_scores[i], i))  # best first
-    if strategy in ("best_worst", "student_only"):
+    if strategy in (Selection.best_worst, Selection.student_only):
         return [ranked[0], ranked[-1]]
-    if strategy == "top_bottom":
-        if 2 * m >= len(ranked):
-            return ranked
-        return ranked[:m] + ranked[-m:]
-    if strategy == "all":
+    if strategy is Selection.top_bottom:
+        return ranked if 2 * m >= len(ranked) else ranked[:m] + ranked[-m:]
+    if strategy is Selection.all:
         return ranked
-    if strategy == "random_pair":
-        return sorted((rng or random.Random(0)).sample(pool, 2))
-    raise ValueError(f"unknown selection strategy '{strategy}'; use one of {STRATEGIES}")
+    return sorted((rng or random.Random(0)).sample(pool, 2))  # Selection.random_pair
 
 
 @dataclass(frozen=True)

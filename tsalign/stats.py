@@ -6,6 +6,23 @@ import math
 import statistics
 
 
+def describe(values: list[float]) -> dict:
+    """mean, std, min, max of a list (empty dict for no values)."""
+    if not values:
+        return {}
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "min": min(values), "max": max(values)}
+
+
+def longer_wins_rate(preferred_lengths: list[float], other_lengths: list[float]) -> float:
+    """The 'longer answer wins' baseline: how often the preferred answer of a pair is the longer one;
+    equal lengths count half. Beside a judge's or reward model's accuracy it shows how much of it
+    length alone explains."""
+    if not preferred_lengths:
+        return math.nan
+    hits = sum(1.0 if p > o else 0.5 if p == o else 0.0 for p, o in zip(preferred_lengths, other_lengths))
+    return hits / len(preferred_lengths)
+
+
 def outcome(delta: float, tie_threshold: float = 0.0) -> float:
     """1 win, 0.5 tie, 0 loss for a score difference (policy - base)."""
     return 1.0 if delta > tie_threshold else 0.0 if delta < -tie_threshold else 0.5

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tsalign.choices import LoggerBackend
+
 
 class Tracker:
     """No-op tracker (logger=none); the wandb one below has the same three methods."""
@@ -50,10 +52,6 @@ class WandbTracker(Tracker):
 
 def start_tracker(backend: str, project: str, experiment: str, stage: str, iteration: int, config: dict,
                   experiment_dir: Path, mode: str | None = None, entity: str | None = None) -> Tracker:
-    if backend == "none":
+    if LoggerBackend(backend) is LoggerBackend.none:
         return Tracker()
-    if backend == "wandb":
-        return WandbTracker(project, experiment, f"iter_{iteration}/{stage}", config, Path(experiment_dir), mode, entity)
-    from tsalign.errors import TsalignError
-
-    raise TsalignError(f"logger.backend '{backend}' unknown; use logger=none or logger=wandb")
+    return WandbTracker(project, experiment, f"iter_{iteration}/{stage}", config, Path(experiment_dir), mode, entity)

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Protocol
-
-from tsalign.errors import TsalignError
 
 
 @dataclass(frozen=True)
@@ -34,16 +31,3 @@ class Sampler(Protocol):
     def generate(self, prompts: list[list[dict]], params: SamplingParams) -> list[list[Completion]]: ...
 
     def close(self) -> None: ...
-
-
-def make_sampler(backend: str, model_dir: Path, dtype: str = "float32", device: str = "cpu", batch_size: int = 16,
-                 seed: int = 0, **vllm_options) -> Sampler:
-    if backend == "hf":
-        from tsalign.sampling.hf import HFSampler
-
-        return HFSampler(model_dir, dtype=dtype, device=device, batch_size=batch_size)
-    if backend == "vllm":
-        from tsalign.sampling.vllm import VLLMSampler
-
-        return VLLMSampler(model_dir, dtype=dtype, seed=seed, **vllm_options)
-    raise TsalignError(f"sampler.backend '{backend}' unknown; use sampler=hf or sampler=vllm")

@@ -16,20 +16,22 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from tsalign.artifacts import atomic_write_json, read_jsonl
+from tsalign.choices import DistillSource, Replay
 from tsalign.data import load_human_pairs, split_pairs
+from tsalign.engines import teacher_model_dir
 from tsalign.errors import TsalignError
+from tsalign.lineage import base_model_dir, finished_output, student_source
 from tsalign.models import pick_device
 from tsalign.reward_training import pair_accuracy, train_reward_model
-from tsalign.stages.common import Plan, base_model_dir, finished_output, section, student_source, teacher_model_dir
-from tsalign.tracking import Tracker
+from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
 
 
 def replay_iterations(t: int, replay: str) -> list[int]:
-    return {"all": list(range(t)), "last": [t - 1] if t > 0 else [], "none": []}[replay]
+    return {Replay.all: list(range(t)), Replay.last: [t - 1] if t > 0 else [], Replay.none: []}[Replay(replay)]
 
 
 def pair_files(cfg: DictConfig) -> dict[str, Path]:
-    if cfg.distill.source == "human":
+    if cfg.distill.source == DistillSource.human:
         return {}
     files = {"pairs": finished_output(cfg, cfg.iteration, "rank", "pairs.jsonl", "distill")}
     for t in replay_iterations(cfg.iteration, cfg.distill.replay):
@@ -37,24 +39,30 @@ def pair_files(cfg: DictConfig) -> dict[str, Path]:
     return files
 
 
+def reports_teacher_holdout(cfg: DictConfig) -> bool:
+    """Distilling teacher pairs, the student is also scored on the human pairs the teacher's fit held out."""
+    return cfg.distill.source == DistillSource.teacher and bool(cfg.teacher.fit.data)
+
+
 def plan(cfg: DictConfig) -> Plan:
     student, label = student_source(cfg, cfg.iteration)
     inputs = {**pair_files(cfg), **({"student": student} if student else {})}
-    return Plan({**section(cfg, "student", "distill", "seed"), "student_used": label}, inputs)
+    # the human hold-out and the teacher's fit report come from the teacher's option: in the plan too
+    keys = ("student", "distill", "seed") + (("teacher",) if reports_teacher_holdout(cfg) else ())
+    return Plan({**section(cfg, *keys), "student_used": label}, inputs)
 
 
 def human_eval_pairs(cfg: DictConfig) -> list[dict]:
     """The human pairs the teacher's fit held out (when it has a fit recipe): a label source it never saw."""
     fit = cfg.teacher.fit
-    if not fit.data:
-        return []
     return split_pairs(load_human_pairs(fit.data, cfg.paths.cache), fit.holdout, fit.seed)[1]
 
 
-def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, dict]:
+def run(ctx: StageContext) -> StageResult:
+    cfg, out_dir, tracker = ctx.cfg, ctx.directory, ctx.tracker
     d, device = cfg.distill, pick_device(cfg.device)
-    files = pair_files(cfg)
-    if d.source == "human":
+    files = {k: v for k, v in ctx.inputs.items() if k != "student"}
+    if d.source == DistillSource.human:
         train, held_out = split_pairs(load_human_pairs(d.human_data, cfg.paths.cache), d.holdout_fraction, cfg.seed)
         replayed = 0
     else:
@@ -66,8 +74,8 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
         raise TsalignError(f"no pairs to distill at iteration {cfg.iteration}: rank mined none; "
                            "raise generate.num_candidates or data.prompts_per_iteration")
 
-    student_dir = student_source(cfg, cfg.iteration)[0] or base_model_dir(cfg, cfg.student)
-    human = human_eval_pairs(cfg) if d.source == "teacher" else []
+    student_dir = ctx.inputs.get("student") or base_model_dir(cfg, cfg.student)
+    human = human_eval_pairs(cfg) if reports_teacher_holdout(cfg) else []
 
     def accuracy(model_dir: Path, pairs: list[dict]) -> dict | None:
         return pair_accuracy(model_dir, pairs, d.max_length, device, cfg.student.seed) if pairs else None
@@ -84,7 +92,7 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
     after, human_after = accuracy(out, held_out), accuracy(out, human)
 
     metrics = {"source": d.source, "train_pairs": len(train), "replayed_pairs": replayed, "held_out_pairs": len(held_out),
-               "label": "teacher" if d.source == "teacher" else "human", "before": before, "after": after,
+               "label": str(d.source), "before": before, "after": after,
                "train": train_stats, "human_held_out": {"before": human_before, "after": human_after}}
     if human:
         report = json.loads((teacher_model_dir(cfg) / "fit_report.json").read_text())
@@ -98,7 +106,10 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
               "human_accuracy_before": rounded(human_before), "human_accuracy_after": rounded(human_after)}
     tracker.log({f"distill/{k}": v for k, v in counts.items() if v is not None})
     print(f"[distill] {len(train)} pairs ({replayed} replayed), {train_stats['steps']} steps; held-out "
-          f"{'teacher agreement' if d.source == 'teacher' else 'human accuracy'} "
+          f"{'teacher agreement' if d.source == DistillSource.teacher else 'human accuracy'} "
           f"{counts['agreement_before']} -> {counts['agreement_after']} on {len(held_out)} pairs"
           + (f"; human held-out {counts['human_accuracy_before']} -> {counts['human_accuracy_after']}" if human else ""))
-    return counts, {"student": out, "metrics": metrics_path}, {"student_from": str(student_dir)}
+    return StageResult(counts, {"student": out, "metrics": metrics_path}, {"student_from": str(student_dir)})
+
+
+STAGE = Stage("distill", plan, run)

@@ -22,15 +22,16 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from tsalign.artifacts import atomic_dir, atomic_write_text, config_hash, read_jsonl
+from tsalign.choices import Reference
 from tsalign.errors import TsalignError
+from tsalign.lineage import base_model_dir, finished_output, policy_source
 from tsalign.models import load_causal_lm, load_tokenizer, pick_device
 from tsalign.preference import fit_pair, to_trl_row
-from tsalign.stages.common import Plan, base_model_dir, finished_output, policy_source, section, work_stamp
-from tsalign.tracking import Tracker
+from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
 
 
 def reference_label(cfg: DictConfig, policy_label: str) -> str:
-    if cfg.dpo.reference == "initial":
+    if cfg.dpo.reference == Reference.initial:
         return cfg.policy.name
     return f"{policy_label} (adapter disabled)" if cfg.dpo.lora else policy_label
 
@@ -149,18 +150,19 @@ def log_stats(history: list[dict]) -> dict:
             "reward_accuracy_mean": mean("rewards/accuracies"), "reward_margin_mean": mean("rewards/margins")}
 
 
-def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, dict]:
+def run(ctx: StageContext) -> StageResult:
     from datasets import Dataset
 
+    cfg, out_dir, tracker = ctx.cfg, ctx.directory, ctx.tracker
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # TRL's
-    pairs_path = finished_output(cfg, cfg.iteration, "rank", "pairs.jsonl", "dpo")
+    pairs_path = ctx.inputs["pairs"]
     pairs = read_jsonl(pairs_path, "preference pairs")
     if not pairs:
         raise TsalignError(f"no preference pairs in {pairs_path}; rank mined none: raise "
                            "generate.num_candidates, lower rank.tie_threshold or use more prompts "
                            "(data.prompts_per_iteration)")
-    policy, label = policy_source(cfg, cfg.iteration)
-    model_dir = policy or base_model_dir(cfg, cfg.policy)
+    label = ctx.plan.config["policy_used"]
+    model_dir = ctx.inputs.get("policy") or base_model_dir(cfg, cfg.policy)
     device = pick_device(cfg.device)
     tokenizer = load_tokenizer(model_dir, chat=True)
     fitted = [fit_pair(tokenizer, to_trl_row(p), cfg.dpo.max_length) for p in pairs]
@@ -172,11 +174,11 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
     t0 = time.time()
     model = load_causal_lm(model_dir, cfg.policy.dtype, device)
     use_cache = model.config.use_cache  # Trainer turns it off for training; the saved policy gets it back
-    ref_dir = base_model_dir(cfg, cfg.policy) if cfg.dpo.reference == "initial" else None
+    ref_dir = base_model_dir(cfg, cfg.policy) if cfg.dpo.reference == Reference.initial else None
     ref_model = load_causal_lm(ref_dir, cfg.policy.dtype, device) if ref_dir else None  # None: TRL uses pi_t
     load_s = time.time() - t0
 
-    resume = fresh_checkpoints(ckpt_dir, config_hash(work_stamp(cfg, "dpo")))
+    resume = fresh_checkpoints(ckpt_dir, config_hash(ctx.stamp))
     resumed_step = 0
     if resume:
         resumed_step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
@@ -209,7 +211,10 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
     print(f"[dpo] {counts['pairs']} pairs ({counts['prompts_cut']} prompts cut, {counts['responses_cut']} "
           f"responses cut), {steps} steps, loss {counts['first_loss']} -> {counts['last_loss']}, "
           f"{counts['s_per_step']} s/step")
-    extra = {"policy": label, "policy_dir": str(model_dir), "reference": cfg.dpo.reference,
+    extra = {"policy": label, "policy_dir": str(model_dir), "reference": str(cfg.dpo.reference),
              "reference_model": reference_label(cfg, label), "reference_dir": str(ref_dir or model_dir),
              "lora": cfg.dpo.lora, "device": device}
-    return counts, {"policy": out_dir / "policy"}, extra
+    return StageResult(counts, {"policy": out_dir / "policy"}, extra)
+
+
+STAGE = Stage("dpo", plan, run)

@@ -27,21 +27,12 @@ from tsalign.artifacts import (
     fingerprint,
     read_manifest,
 )
+from tsalign.engines import open_sampler, open_scorer, sampling_params, teacher_model_dir, teacher_option
+from tsalign.lineage import base_model_dir, experiment_dir, finished_output, prompt_split
+from tsalign.sampling.resumable import chunk_prompts, sample_rows
 from tsalign.selection import Verdict, student_agrees
-from tsalign.stages.common import (
-    Plan,
-    base_model_dir,
-    exp_dir,
-    finished_output,
-    open_scorer,
-    prompt_split,
-    section,
-    teacher_model_dir,
-    teacher_option,
-)
-from tsalign.stages.generate import chunk_prompts, open_sampler, sample_rows, sampling_params
-from tsalign.stats import mean_interval, outcome, win_rate
-from tsalign.tracking import Tracker
+from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
+from tsalign.stats import longer_wins_rate, mean_interval, outcome, win_rate
 
 
 def judge_spec(cfg: DictConfig) -> DictConfig:
@@ -67,7 +58,7 @@ def answers(cfg: DictConfig, model_dir: Path, prompts: list[dict], runs: list[tu
             partial = PartialRows(cache, "prompt_id", {"model": model, "params": params.as_dict()})
             if not all(p["prompt_id"] in partial for p in prompts):
                 sampler = sampler or open_sampler(cfg, model_dir, seed)
-                sample_rows(sampler, prompts, params, partial, model_dir.name, chunk_prompts(cfg, 1))
+                sample_rows(sampler, prompts, params, partial, model_dir.name, chunk_prompts(cfg.sampler.batch_size, 1))
             out.append([partial.rows[p["prompt_id"]]["candidates"][0]["text"] for p in prompts])
     finally:
         if sampler is not None:
@@ -81,10 +72,11 @@ def compare(prompts: list[list[dict]], policy: list[str], base: list[str], judge
     deltas = [s[0] - s[1] for s in scores]
     outcomes = [outcome(d, tie) for d in deltas]
     mean_delta, low, high = mean_interval(deltas, confidence)
-    decided = [(o, len(a) > len(b)) for o, a, b in zip(outcomes, policy, base) if o != 0.5 and len(a) != len(b)]
+    decided = [(a, b) if o == 1.0 else (b, a) for o, a, b in zip(outcomes, policy, base) if o != 0.5]
     return {**win_rate(outcomes, confidence), "scores": scores, "reward_delta": mean_delta, "reward_delta_ci": [low, high],
             "policy_reward": statistics.fmean(s[0] for s in scores), "base_reward": statistics.fmean(s[1] for s in scores),
-            "longer_wins_rate": statistics.fmean((o == 1.0) == longer for o, longer in decided) if decided else None}
+            "longer_wins_rate": longer_wins_rate([len(w) for w, _ in decided], [len(lo) for _, lo in decided])
+            if decided else None}
 
 
 def progress_plot(experiment: Path, current: dict, iteration: int, out: Path) -> Path:
@@ -122,12 +114,13 @@ def progress_plot(experiment: Path, current: dict, iteration: int, out: Path) ->
     return atomic_write_bytes(out, png.getvalue())
 
 
-def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, dict]:
-    t, e = cfg.iteration, cfg.evaluate
+def run(ctx: StageContext) -> StageResult:
+    cfg, out_dir, tracker = ctx.cfg, ctx.directory, ctx.tracker
+    t, e = ctx.iteration, cfg.evaluate
     held_out, _ = prompt_split(cfg)
-    policy_dir = finished_output(cfg, t, "dpo", "policy", "evaluate")
+    policy_dir = ctx.inputs["policy"]
     base_dir = base_model_dir(cfg, cfg.policy)
-    shared = exp_dir(cfg) / "_eval_answers"
+    shared = experiment_dir(cfg) / "_eval_answers"
     key = config_hash([section(cfg, "policy", "sampler", "data"), e.seed])
     base_runs = [(e.seed, shared / f"base-{key}.jsonl")] + ([(e.seed + 1, shared / f"control-{key}.jsonl")]
                                                             if e.control else [])
@@ -142,7 +135,7 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
     ctrl = compare(prompts, control, base, judge, e.tie_threshold, e.confidence) if control else None
     judge.close()
 
-    student = open_scorer(cfg, cfg.student, finished_output(cfg, t, "distill", "student", "evaluate"))
+    student = open_scorer(cfg, cfg.student, ctx.inputs["student"])
     student_scores = student.score_groups(prompts, [[a, b] for a, b in zip(policy, base)])
     student.close()
     agree = [student_agrees(s, Verdict(0, 1, 0.0) if m[0] > m[1] else Verdict(1, 0, 0.0))
@@ -159,7 +152,7 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
             for p, a, b, m, s in zip(held_out, policy, base, main["scores"], student_scores)]
     outputs = {"metrics": atomic_write_json(out_dir / "metrics.json", metrics),
                "judgements": atomic_write_jsonl(out_dir / "judgements.jsonl", rows)}
-    outputs["plot"] = progress_plot(exp_dir(cfg), metrics, t, out_dir / "progress.png")
+    outputs["plot"] = progress_plot(experiment_dir(cfg), metrics, t, out_dir / "progress.png")
     tracker.log({f"evaluate/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     ctrl_txt = f"; control (pi_0 vs pi_0) {ctrl['win_rate']:.2f}" if ctrl else ""
     print(f"[evaluate] pi_{t + 1} vs pi_0 on {metrics['n']} held-out prompts, judged by {spec.name}: win {metrics['win']} / tie "
@@ -168,4 +161,7 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
           f"{metrics['student_agreement'] if metrics['student_agreement'] is None else round(metrics['student_agreement'], 2)}")
     counts = {k: metrics[k] for k in ("n", "win", "tie", "loss", "win_rate", "ci_low", "ci_high", "student_agreement",
                                       "reward_delta", "policy_reward", "base_reward")}
-    return counts, outputs, {"plot": str(outputs["plot"])}
+    return StageResult(counts, outputs, {"plot": str(ctx.directory.parent / "evaluate" / "progress.png")})
+
+
+STAGE = Stage("evaluate", plan, run)

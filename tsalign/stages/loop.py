@@ -19,9 +19,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from tsalign.artifacts import ConfigChanged, read_manifest, stage_dir
-from tsalign.config import PIPELINE
+from tsalign.choices import PIPELINE
 from tsalign.errors import TsalignError
-from tsalign.stages.common import exp_dir, stage_run
+from tsalign.lineage import experiment_dir
+from tsalign.runner import stage_record
 
 _OWN_KEYS = ("stage", "iteration", "iterations", "experiment_dir", "experiment_name", "redo")
 
@@ -54,13 +55,13 @@ def status(cfg: DictConfig, stage: str, t: int) -> str:
     sub = cfg.copy()
     sub.iteration, sub.redo = t, False
     try:
-        return "done" if stage_run(sub, stage, t).is_done() else "todo"
+        return "done" if stage_record(sub, stage)[2].is_done() else "todo"
     except ConfigChanged:
         if cfg.redo:
             return "changed"  # redo=true replaces exactly the stages whose config or inputs changed
         raise
     except TsalignError:
-        if read_manifest(stage_dir(exp_dir(cfg), t, stage)) is None:
+        if read_manifest(stage_dir(experiment_dir(cfg), t, stage)) is None:
             return "todo"  # upstream not finished yet: the child reports anything else
         raise
 

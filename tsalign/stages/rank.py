@@ -23,21 +23,17 @@ from tsalign.artifacts import (
     read_jsonl,
     read_manifest,
     stage_dir,
+    verify_output,
 )
+from tsalign.choices import ModelKind, Selection
+from tsalign.engines import open_scorer, teacher_model_dir
 from tsalign.errors import TsalignError
-from tsalign.reward_training import longer_wins
+from tsalign.lineage import base_model_dir, finished_output, student_source
+from tsalign.preference import pairs_longer_wins
+from tsalign.scoring.resumable import score_resumably
 from tsalign.selection import decide, shortlist, student_agrees
-from tsalign.stages.common import (
-    Plan,
-    base_model_dir,
-    finished_output,
-    open_scorer,
-    section,
-    student_source,
-    teacher_model_dir,
-    work_stamp,
-)
-from tsalign.tracking import Tracker
+from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
+from tsalign.stats import describe
 
 
 def candidates_file(cfg: DictConfig) -> Path:
@@ -48,7 +44,7 @@ def candidates_file(cfg: DictConfig) -> Path:
     path = stage_dir(other, cfg.iteration, "generate") / "candidates.jsonl"
     if read_manifest(path.parent) is None:
         raise TsalignError(f"rank.candidates_from={source}: {path} is not a finished generate output")
-    return path
+    return verify_output(path)
 
 
 def plan(cfg: DictConfig) -> Plan:
@@ -56,10 +52,6 @@ def plan(cfg: DictConfig) -> Plan:
     student, label = student_source(cfg, cfg.iteration)
     inputs = {"candidates": candidates, **({"student": student} if student else {})}
     return Plan({**section(cfg, "student", "teacher", "rank", "seed"), "student_used": label}, inputs)
-
-
-SCORE_CHUNK = 64  # prompts per scorer call; finished chunks survive a crash
-_STATS = ("calls", "seconds", "truncated", "first_position_picks")
 
 
 def load_candidates(path: Path) -> list[dict]:
@@ -73,66 +65,37 @@ def load_candidates(path: Path) -> list[dict]:
     return rows
 
 
-def describe(values: list[float]) -> dict:
-    if not values:
-        return {}
-    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "min": min(values), "max": max(values)}
-
-
-def score_resumably(open_scorer_fn, ids: list[str], prompts: list, groups: list[list[str]],
-                    partial: PartialRows) -> tuple[list[list[float]], dict]:
-    """Scores of every group, chunk by chunk, kept in `partial` so a crash (say, inside a 70B judge)
-    loses one chunk at most. Stats are summed over every chunk ever run, resumed ones included."""
-    todo = [i for i, pid in enumerate(ids) if pid not in partial]
-    if todo:
-        scorer = open_scorer_fn()
-        try:
-            for start in range(0, len(todo), SCORE_CHUNK):
-                idx = todo[start : start + SCORE_CHUNK]
-                before = {k: scorer.stats.get(k, 0) for k in _STATS}
-                scores = scorer.score_groups([prompts[i] for i in idx], [groups[i] for i in idx])
-                share = {k: (scorer.stats.get(k, 0) - before[k]) / len(idx) for k in _STATS}
-                partial.extend([{"prompt_id": ids[i], "scores": s, **share} for i, s in zip(idx, scores)])
-        finally:
-            scorer.close()
-    done = [partial.rows[pid] for pid in ids]
-    stats = {k: sum(r[k] for r in done) for k in _STATS}
-    stats["calls"] = round(stats["calls"])
-    stats["truncated"] = round(stats["truncated"])
-    return [r["scores"] for r in done], stats
-
-
-def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, dict]:
-    rows = load_candidates(candidates_file(cfg))
+def run(ctx: StageContext) -> StageResult:
+    cfg, out_dir = ctx.cfg, ctx.directory
+    rows = load_candidates(ctx.inputs["candidates"])
     ids = [r["prompt_id"] for r in rows]
     prompts = [r["prompt"] for r in rows]
     texts = [[c["text"] for c in r["candidates"]] for r in rows]
-    strategy, rng = cfg.rank.selection, random.Random(cfg.seed + cfg.iteration)
-    stamp = work_stamp(cfg, "rank")
-
-    student_dir, student_label = student_source(cfg, cfg.iteration)
+    strategy, rng = Selection(cfg.rank.selection), random.Random(cfg.seed + cfg.iteration)
+    student_label = ctx.plan.config["student_used"]
+    student_dir = ctx.inputs.get("student") or base_model_dir(cfg, cfg.student)
     student_scores, student_stats = score_resumably(
-        lambda: open_scorer(cfg, cfg.student, student_dir or base_model_dir(cfg, cfg.student)), ids, prompts, texts,
-        PartialRows(out_dir / "_work" / "student.partial.jsonl", "prompt_id", stamp))
+        lambda: open_scorer(cfg, cfg.student, student_dir), ids, prompts, texts,
+        PartialRows(out_dir / "_work" / "student.partial.jsonl", "prompt_id", ctx.stamp))
     shortlists = [shortlist(t, s, strategy, cfg.rank.shortlist_m, rng) for t, s in zip(texts, student_scores)]
 
     teacher_scores: list[list[float]] = [[] for _ in rows]
     teacher_stats: dict = {"calls": 0, "seconds": 0.0, "truncated": 0}
-    if strategy != "student_only":
+    if strategy is not Selection.student_only:
         asked = [i for i, s in enumerate(shortlists) if s]
         verdicts, teacher_stats = score_resumably(
             lambda: open_scorer(cfg, cfg.teacher, teacher_model_dir(cfg)), [ids[i] for i in asked],
             [prompts[i] for i in asked], [[texts[i][k] for k in shortlists[i]] for i in asked],
-            PartialRows(out_dir / "_work" / "teacher.partial.jsonl", "prompt_id", stamp))
+            PartialRows(out_dir / "_work" / "teacher.partial.jsonl", "prompt_id", ctx.stamp))
         for i, v in zip(asked, verdicts):
             teacher_scores[i] = v
-        if cfg.teacher.kind == "judge":
+        if cfg.teacher.kind == ModelKind.judge:
             picks = teacher_stats.pop("first_position_picks")
             teacher_stats["first_position_rate"] = picks / teacher_stats["calls"] if teacher_stats["calls"] else None
 
     score_rows, pairs, no_pair, agreement = [], [], {"too_few_distinct": 0, "tie": 0}, []
     for i, row in enumerate(rows):
-        judge = [student_scores[i][k] for k in shortlists[i]] if strategy == "student_only" else teacher_scores[i]
+        judge = [student_scores[i][k] for k in shortlists[i]] if strategy is Selection.student_only else teacher_scores[i]
         verdict = decide(shortlists[i], judge, cfg.rank.tie_threshold) if shortlists[i] else None
         if not shortlists[i]:
             no_pair["too_few_distinct"] += 1
@@ -144,7 +107,7 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
                            "rejected": verdict.rejected if verdict else None})
         if verdict is None:
             continue
-        if strategy != "student_only":
+        if strategy is not Selection.student_only:
             agreement.append(student_agrees(student_scores[i], verdict))
         pairs.append({
             "prompt_id": row["prompt_id"], "prompt": row["prompt"],
@@ -152,14 +115,14 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
             "rejected": [{"role": "assistant", "content": texts[i][verdict.rejected]}],
             "margin": verdict.margin, "chosen_index": verdict.chosen, "rejected_index": verdict.rejected,
             "iteration": cfg.iteration, "selection": strategy, "judge": cfg.student.name
-            if strategy == "student_only" else cfg.teacher.name, "student": student_label,
+            if strategy is Selection.student_only else cfg.teacher.name, "student": student_label,
         })
 
     metrics = {
         "prompts": len(rows), "candidates": sum(len(t) for t in texts), "pairs": len(pairs),
         "no_pair": no_pair, "selection": strategy,
         "student_calls": student_stats["calls"], "teacher_calls": teacher_stats["calls"],
-        "teacher_fraction_seen": (0 if strategy == "student_only" else sum(len(s) for s in shortlists))
+        "teacher_fraction_seen": (0 if strategy is Selection.student_only else sum(len(s) for s in shortlists))
         / max(sum(len(t) for t in texts), 1),
         "student_teacher_agreement": statistics.fmean(agreement) if agreement else None,
         "agreement_pairs": len(agreement),
@@ -168,7 +131,7 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
         "student_scores": describe([s for ss in student_scores for s in ss]),
         "teacher_scores": describe([s for ts in teacher_scores for s in ts]),
         "mean_margin": statistics.fmean(p["margin"] for p in pairs) if pairs else None,
-        "chosen_longer_rate": longer_wins(pairs) if pairs else None,  # equal length counts half
+        "chosen_longer_rate": pairs_longer_wins(pairs) if pairs else None,
     }
     if "first_position_rate" in teacher_stats:
         rate = metrics["judge_first_position_rate"] = teacher_stats["first_position_rate"]
@@ -178,10 +141,13 @@ def run(cfg: DictConfig, out_dir: Path, tracker: Tracker) -> tuple[dict, dict, d
     outputs = {"scores": atomic_write_jsonl(out_dir / "scores.jsonl", score_rows),
                "pairs": atomic_write_jsonl(out_dir / "pairs.jsonl", pairs),
                "metrics": atomic_write_json(out_dir / "metrics.json", metrics)}
-    tracker.log({f"rank/{k}": v for k, v in metrics.items()})
+    ctx.tracker.log({f"rank/{k}": v for k, v in metrics.items()})
     agree = metrics["student_teacher_agreement"]
     print(f"[rank] {len(pairs)} pairs from {len(rows)} prompts ({no_pair}), teacher calls {teacher_stats['calls']}"
           f" (student {student_stats['calls']}), agreement {'n/a' if agree is None else f'{agree:.2f}'}")
     counts = {k: metrics[k] for k in ("prompts", "candidates", "pairs", "student_calls", "teacher_calls",
                                       "student_teacher_agreement", "student_s", "teacher_s")}
-    return counts, outputs, {"no_pair": no_pair}
+    return StageResult(counts, outputs, {"no_pair": no_pair})
+
+
+STAGE = Stage("rank", plan, run)

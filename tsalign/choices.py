@@ -1,0 +1,94 @@
+"""Every closed set of config values, written once as a type.
+
+The schema (tsalign/config.py) types its fields with these enums, so Hydra rejects a value outside
+the set at compose time, naming the key and the allowed values. They are StrEnums: a member equals
+its string ("hf" == SamplerBackend.hf) and serialises as that string in manifests and JSON.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Stage(StrEnum):
+    generate = "generate"
+    rank = "rank"
+    distill = "distill"
+    dpo = "dpo"
+    evaluate = "evaluate"
+    loop = "loop"
+
+
+PIPELINE = (Stage.generate, Stage.rank, Stage.distill, Stage.dpo, Stage.evaluate)
+
+
+class ModelKind(StrEnum):
+    causal_lm = "causal_lm"
+    reward_model = "reward_model"
+    judge = "judge"
+
+
+class Dtype(StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    auto = "auto"
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class SamplerBackend(StrEnum):
+    hf = "hf"
+    vllm = "vllm"
+
+
+class DataSource(StrEnum):
+    alpaca_eval = "alpaca_eval"
+    alpaca = "alpaca"
+    file = "file"
+
+
+class Schedule(StrEnum):
+    fresh = "fresh"  # a new shard of training prompts per iteration
+    reuse = "reuse"  # shard 0 every iteration
+
+
+class Selection(StrEnum):
+    best_worst = "best_worst"  # the student's best and worst go to the teacher (TS-Align)
+    top_bottom = "top_bottom"  # the student's top-m and bottom-m
+    all = "all"  # the teacher scores every candidate (teacher-only baseline)
+    random_pair = "random_pair"  # two random candidates
+    student_only = "student_only"  # no teacher: the student's best vs worst
+
+
+class DistillSource(StrEnum):
+    teacher = "teacher"  # this iteration's teacher pairs
+    human = "human"  # human preference pairs (distill.human_data)
+
+
+class Replay(StrEnum):
+    all = "all"
+    last = "last"
+    none = "none"
+
+
+class Reference(StrEnum):
+    previous = "previous"  # pi_t
+    initial = "initial"  # pi_0
+
+
+class LoggerBackend(StrEnum):
+    none = "none"
+    wandb = "wandb"
+
+
+# Which kinds each model role accepts: checked once, in tsalign.cli.validate.
+ROLE_KINDS = {
+    "policy": (ModelKind.causal_lm,),
+    "student": (ModelKind.reward_model,),
+    "teacher": (ModelKind.reward_model, ModelKind.judge),
+}

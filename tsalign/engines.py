@@ -1,0 +1,71 @@
+"""Config -> engine: the sampler a policy generates with, the scorer a student / teacher / judge
+scores with, and the teacher folder (fitted on human pairs once, when its option has a `fit` recipe).
+
+Samplers and scorers themselves take plain arguments (tsalign.sampling, tsalign.scoring); this is the
+one place that reads the Hydra config for them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from tsalign.errors import TsalignError
+from tsalign.lineage import base_model_dir
+from tsalign.sampling import SamplingParams
+
+
+def sampling_params(cfg: DictConfig, n: int, seed: int) -> SamplingParams:
+    s = cfg.sampler
+    return SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+                          max_prompt_tokens=s.max_prompt_tokens, seed=seed)
+
+
+def open_sampler(cfg: DictConfig, model_dir: Path, seed: int):
+    from tsalign.models import pick_device
+    from tsalign.sampling import make_sampler
+
+    s = cfg.sampler
+    return make_sampler(s.backend, model_dir, dtype=cfg.policy.dtype, device=pick_device(cfg.device),
+                        batch_size=s.batch_size, seed=seed, tensor_parallel_size=s.tensor_parallel_size,
+                        max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
+                        enforce_eager=s.enforce_eager)
+
+
+def open_scorer(cfg: DictConfig, spec: DictConfig, model_dir: Path):
+    from tsalign.models import pick_device
+    from tsalign.scoring import make_scorer
+
+    return make_scorer(spec.kind, model_dir, device=pick_device(cfg.device), dtype=spec.dtype,
+                       batch_size=spec.batch_size, max_length=spec.max_length, seed=spec.seed,
+                       judge_prompt=spec.judge_prompt, judge_choices=tuple(spec.judge_choices),
+                       vllm_options=OmegaConf.to_container(spec.vllm) if spec.vllm is not None else None)
+
+
+def teacher_model_dir(cfg: DictConfig, spec: DictConfig | None = None) -> Path:
+    """A teacher's folder (the configured teacher by default); one with a `fit` recipe is fitted on
+    human pairs once and cached."""
+    spec = cfg.teacher if spec is None else spec
+    base = base_model_dir(cfg, spec)
+    if not spec.fit.data:
+        return base
+    from tsalign.models import pick_device
+    from tsalign.reward_training import fitted_reward_model
+
+    return fitted_reward_model(base, OmegaConf.to_container(spec.fit), Path(cfg.paths.cache), spec.name,
+                               pick_device(cfg.device), spec.seed)
+
+
+def teacher_option(name: str) -> DictConfig:
+    """A conf/teacher/<name>.yaml option as a validated ModelSpec (e.g. for an independent judge)."""
+    from tsalign.config import ModelSpec, conf_dir
+
+    path = conf_dir() / "teacher" / f"{name}.yaml"
+    if not path.is_file():
+        options = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise TsalignError(f"no teacher option '{name}' in {path.parent}; use one of: {options}")
+    try:
+        return OmegaConf.merge(OmegaConf.structured(ModelSpec), OmegaConf.load(path))
+    except Exception as e:  # noqa: BLE001 -- a schema error in the YAML, in one line
+        raise TsalignError(f"{path}: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,57 @@
+"""Runs one stage of one iteration: skip it when its manifest matches, else run it and write the
+manifest last. The one place that knows every stage (REGISTRY) and the stage lifecycle:
+
+    record  = stage_record(cfg, name)          plan -> StageRun (config slice + inputs; nothing loaded)
+    is_done -> skip                             matching manifest, outputs verified intact
+    begin   -> StageContext -> stage.run(ctx)  -> StageResult -> finish (manifest written last)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from omegaconf import DictConfig, OmegaConf
+
+from tsalign.artifacts import StageRun, read_manifest, stage_dir, stage_lock
+from tsalign.lineage import experiment_dir
+from tsalign.stages import distill, dpo, evaluate, generate, rank
+from tsalign.stages.contract import Plan, Stage, StageContext
+from tsalign.tracking import start_tracker
+
+REGISTRY: dict[str, Stage] = {s.name: s for s in (generate.STAGE, rank.STAGE, distill.STAGE, dpo.STAGE, evaluate.STAGE)}
+
+
+def stage_record(cfg: DictConfig, name: str) -> tuple[Stage, Plan, StageRun]:
+    """The stage, its plan and its run record (directory, config slice, inputs) at cfg.iteration."""
+    stage = REGISTRY[name]
+    plan = stage.plan(cfg)
+    t = cfg.iteration
+    run = StageRun(stage_dir(experiment_dir(cfg), t, name), name, t, {"iteration": t, **plan.config}, plan.inputs,
+                   cfg.redo)
+    return stage, plan, run
+
+
+def run_stage(cfg: DictConfig, name: str) -> dict:
+    """Skip if done; else run the stage, write its manifest last, and track it. Returns the manifest."""
+    stage, plan, run = stage_record(cfg, name)
+    with stage_lock(run.directory):
+        if run.is_done():
+            print(f"[tsalign] iter_{cfg.iteration}/{name}: done already (manifest matches), skipped")
+            return read_manifest(run.directory)
+        work = run.begin()
+        tracker = start_tracker(cfg.logger.backend, cfg.logger.project, cfg.experiment_name, name, cfg.iteration,
+                                OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+                                experiment_dir(cfg) / "wandb", cfg.logger.mode, cfg.logger.entity)
+        t0 = time.time()
+        try:
+            ctx = StageContext(cfg=cfg, iteration=cfg.iteration, directory=work, plan=plan, stamp=run.stamp(),
+                               tracker=tracker)
+            result = stage.run(ctx)
+            manifest = run.finish(result.counts, result.outputs, result.extra)
+            tracker.summary(result.counts)
+        finally:
+            with contextlib.suppress(Exception):  # tracking trouble never costs finished work
+                tracker.finish()
+    print(f"[tsalign] iter_{cfg.iteration}/{name}: finished in {time.time() - t0:.1f}s -> {run.directory}")
+    return manifest
