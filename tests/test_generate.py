@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import tsalign.sampling
 import tsalign.sampling.resumable as resumable
 from tsalign.artifacts import ConfigChanged, read_jsonl, read_manifest
 from tsalign.errors import TsalignError
-from tsalign.sampling import Completion, SamplingParams, make_sampler
+from tsalign.sampling import SamplingParams, make_sampler
 
 FINISH = {"stop", "length"}
 
@@ -232,93 +231,13 @@ def test_hf_chat_template_and_prompt_truncation(tiny_policy_dir):
     assert truncated and cut == ids[-16:]
 
 
-# ---------------------------------------------------------------- vLLM contract (fake module)
-
-
-def _fake_vllm():
-    module = types.ModuleType("vllm")
-    module.llms = []
-
-    class SamplingParams:
-        def __init__(self, **kwargs):
-            self.kwargs = kwargs
-
-    class LLM:
-        def __init__(self, **kwargs):
-            self.kwargs, self.chats = kwargs, []
-            module.llms.append(self)
-
-        def chat(self, messages, sampling_params=None, **kwargs):
-            self.chats.append({"messages": messages, "sampling_params": sampling_params, "kwargs": kwargs})
-            n = sampling_params.kwargs["n"]
-            return [types.SimpleNamespace(
-                prompt_token_ids=list(range(5 + i)),
-                outputs=[types.SimpleNamespace(text=f"  answer {i}.{j} ", token_ids=[7] * (j + 1),
-                                               finish_reason="length" if j == 0 else "stop") for j in range(n)],
-            ) for i, _ in enumerate(messages)]
-
-    module.SamplingParams, module.LLM = SamplingParams, LLM
-    return module
-
-
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    import torch
-
-    module = _fake_vllm()
-    monkeypatch.setitem(sys.modules, "vllm", module)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    return module
-
-
-def test_vllm_sampler_contract(fake_vllm, tmp_path):
-    sampler = make_sampler("vllm", tmp_path / "model", dtype="bfloat16", device="cuda", seed=7,
-                           tensor_parallel_size=2, gpu_memory_utilization=0.5, max_model_len=2048, enforce_eager=True)
-    (llm,) = fake_vllm.llms
-    assert llm.kwargs["model"] == str(tmp_path / "model")
-    assert llm.kwargs["seed"] == 7 and llm.kwargs["dtype"] == "bfloat16"
-    assert llm.kwargs["tensor_parallel_size"] == 2 and llm.kwargs["gpu_memory_utilization"] == 0.5
-    assert llm.kwargs["max_model_len"] == 2048 and llm.kwargs["enforce_eager"] is True
-
-    prompts = [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]
-    params = SamplingParams(n=3, temperature=0.7, top_p=0.9, max_new_tokens=33, max_prompt_tokens=100, seed=11)
-    out = sampler.generate(prompts, params)
-    (chat,) = llm.chats
-    assert chat["messages"] == prompts
-    sp = chat["sampling_params"].kwargs
-    assert sp["n"] == 3 and sp["seed"] == 11 and sp["max_tokens"] == 33
-    assert sp["temperature"] == 0.7 and sp["top_p"] == 0.9
-    assert len(out) == 2 and all(len(c) == 3 for c in out)
-    assert all(isinstance(c, Completion) for row in out for c in row)
-    assert out[1][2] == Completion("answer 1.2", "stop", 3, False)
-    assert out[0][0].finish_reason == "length"
-    sampler.close()
-
-
-def test_vllm_through_the_generate_stage(fake_vllm, run_stage, tmp_path):
-    cfg, manifest = run_stage("generate", ["sampler=vllm", "sampler.tensor_parallel_size=2",
-                                           "sampler.gpu_memory_utilization=0.6", "sampler.max_new_tokens=9"],
-                              outputs=tmp_path / "outputs")
-    (llm,) = fake_vllm.llms
-    assert llm.kwargs["tensor_parallel_size"] == 2 and llm.kwargs["gpu_memory_utilization"] == 0.6
-    assert llm.kwargs["seed"] == resumable.derived_seed(cfg.seed, cfg.iteration)
-    sp = llm.chats[0]["sampling_params"].kwargs
-    assert sp["n"] == cfg.generate.num_candidates and sp["max_tokens"] == 9
-    _check_candidates(cfg, manifest, cfg.data.prompts_per_iteration, cfg.generate.num_candidates)
+# ---------------------------------------------------------------- vLLM (the real engine: tests/test_vllm.py)
 
 
 def test_vllm_missing_says_pip_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
-    with pytest.raises(TsalignError, match="pip install"):
+    with pytest.raises(TsalignError, match="make setup VLLM=1"):
         make_sampler("vllm", tmp_path, seed=0)
-
-
-def test_vllm_without_gpu(fake_vllm, monkeypatch, tmp_path):
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(TsalignError, match="CUDA"):
-        make_sampler("vllm", tmp_path)
 
 
 def test_unknown_backend(tmp_path):

@@ -56,3 +56,102 @@ def test_mean_interval_edge_cases():
     assert m == 2.0 and lo == -math.inf and hi == math.inf
     m, lo, hi = mean_interval([1.0, 3.0], confidence=0.9)
     assert m == 2.0 and lo < 2.0 < hi
+
+
+# ---------------------------------------------------------------- paired bootstrap, length control, control checks
+
+from tsalign.stats import (  # noqa: E402
+    bootstrap_interval,
+    control_checks,
+    fit_logistic,
+    length_controlled_win_rate,
+    paired_win_rate,
+)
+
+
+def test_bootstrap_is_seeded_and_brackets_the_mean():
+    values = [1.0, 0.0, 0.5, 1.0, 1.0, 0.0, 1.0, 0.5] * 4
+    low, high = bootstrap_interval(values, seed=3)
+    assert (low, high) == bootstrap_interval(values, seed=3)  # reproducible
+    assert low < sum(values) / len(values) < high
+    assert bootstrap_interval([0.7] * 20) == (0.7, 0.7)  # no spread, no width
+    wide = bootstrap_interval(values, confidence=0.99, seed=3)
+    assert wide[0] <= low and high <= wide[1]
+
+
+def test_bootstrap_keeps_pairs_together_for_a_statistic():
+    rows = [(1.0, 0.0)] * 10 + [(0.0, 1.0)] * 10
+    low, high = bootstrap_interval(rows, lambda rs: sum(a - b for a, b in rs) / len(rs), seed=0)
+    assert low < 0 < high and -1 <= low and high <= 1
+
+
+def test_paired_win_rate_counts_ties_half():
+    r = paired_win_rate([1.0, 1.0, 0.5, 0.0], seed=0)
+    assert (r["win"], r["tie"], r["loss"], r["n"]) == (2, 1, 1, 4) and r["win_rate"] == pytest.approx(0.625)
+    assert 0.0 <= r["ci_low"] <= 0.625 <= r["ci_high"] <= 1.0
+
+
+def test_logistic_fit_by_hand():
+    # y = 1 exactly where x > 0: the slope is large and positive, the intercept near 0
+    x = [-1.0, -0.5, 0.5, 1.0] * 5
+    a, b = fit_logistic(x, [0.0, 0.0, 1.0, 1.0] * 5)
+    assert b > 3 and abs(a) < 1e-6
+    # no relation to x: slope 0, intercept logit(0.75)
+    a, b = fit_logistic([-1.0, 1.0] * 8, [1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0] * 2)
+    assert abs(b) < 1e-6 and a == pytest.approx(math.log(3), abs=1e-3)
+
+
+def test_length_controlled_win_rate_removes_a_pure_length_effect():
+    # the judge only sees length: the longer answer wins 9 times in 10, whoever wrote it; the policy
+    # is longer (by 40 characters) in 30 of 40 pairs and shorter (by 40) in 10
+    longer = [1.0] * 27 + [0.0] * 3
+    shorter = [1.0] * 1 + [0.0] * 9
+    outcomes = longer + shorter
+    len_policy, len_base = [140] * 30 + [60] * 10, [100] * 40
+    lc = length_controlled_win_rate(outcomes, len_policy, len_base, seed=0)
+    assert sum(outcomes) / len(outcomes) == 0.7
+    assert lc["length_coef"] > 1
+    assert lc["lc_win_rate"] == pytest.approx(0.5, abs=0.01)  # at equal length, a coin flip
+    assert lc["lc_ci_low"] < 0.5 < lc["lc_ci_high"]  # no evidence of a better policy once length is out
+    assert paired_win_rate(outcomes, seed=0)["ci_low"] > 0.5  # the raw win rate would claim one
+
+
+def test_length_controlled_equals_raw_without_length_differences():
+    outcomes = [1.0, 1.0, 0.0, 1.0] * 8
+    lc = length_controlled_win_rate(outcomes, [50] * 32, [50] * 32, seed=0)
+    assert lc["lc_win_rate"] == pytest.approx(0.75, abs=1e-3)
+
+
+def _control(judge: str, n: int = 64):
+    """Outcomes of pi_0 vs pi_0 pairs (arm a vs arm b) under a judge that has one bias and nothing else."""
+    import random
+
+    rng = random.Random(0)
+    len_a = [rng.randint(20, 200) for _ in range(n)]
+    len_b = [rng.randint(20, 200) for _ in range(n)]
+    if judge == "longer":
+        outcomes = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(len_a, len_b)]
+        return outcomes, len_a, len_b, None, None
+    if judge == "first_slot":  # both orders asked: each single-order verdict picks slot 1, averaged -> tie
+        return [0.5] * n, len_a, len_b, 2 * n, 2 * n
+    outcomes = [float(i % 2) for i in range(n)]  # fair: verdicts unrelated to slot and length
+    return outcomes, len_a, len_b, n, 2 * n
+
+
+def test_control_passes_for_a_fair_judge():
+    result = control_checks(*_control("fair"), seed=0)
+    assert result["passed"], result
+
+
+def test_control_fails_for_a_judge_that_prefers_the_longer_answer():
+    result = control_checks(*_control("longer"), seed=0)
+    assert not result["passed"]
+    assert result["checks"]["length"]["value"] == 1.0 and not result["checks"]["length"]["passed"]
+    assert result["checks"]["win_rate"]["passed"]  # the win rate alone would not have shown it
+
+
+def test_control_fails_for_a_judge_that_prefers_the_first_slot():
+    result = control_checks(*_control("first_slot"), seed=0)
+    assert not result["passed"]
+    assert result["checks"]["position"]["value"] == 1.0 and not result["checks"]["position"]["passed"]
+    assert result["checks"]["win_rate"]["passed"]  # averaging both orders hides it in the win rate

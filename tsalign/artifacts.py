@@ -116,8 +116,13 @@ def read_jsonl(path: str | Path, what: str = "file") -> list[dict]:
     if not path.is_file():
         raise TsalignError(f"{what} not found: {path}")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TsalignError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as "
+                                   "UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
             if not line.strip():
                 continue
             try:

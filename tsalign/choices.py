@@ -17,6 +17,8 @@ class Stage(StrEnum):
     dpo = "dpo"
     evaluate = "evaluate"
     loop = "loop"
+    status = "status"  # what is done, partial or missing, and what to run next (reads manifests only)
+    report = "report"  # the experiment's report.html
 
 
 PIPELINE = (Stage.generate, Stage.rank, Stage.distill, Stage.dpo, Stage.evaluate)

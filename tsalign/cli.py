@@ -9,12 +9,15 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from tsalign.choices import ROLE_KINDS, Stage
@@ -22,6 +25,12 @@ from tsalign.config import conf_dir, register_configs
 from tsalign.errors import TsalignError
 
 CONF_DIR = str(conf_dir())
+# sizes that transformers / TRL reject only deep inside a stage, after models have loaded
+AT_LEAST_ONE = ("sampler.max_new_tokens", "sampler.batch_size", "sampler.max_prompt_tokens", "student.batch_size",
+                "teacher.batch_size", "distill.epochs", "distill.batch_size", "dpo.batch_size",
+                "dpo.gradient_accumulation_steps")
+# errors of a folder that cannot be written: one line naming it, not a traceback
+UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOSPC, errno.EDQUOT, errno.EEXIST)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -32,9 +41,12 @@ def validate(cfg: DictConfig) -> None:
         if kind not in kinds:
             raise TsalignError(f"{role}.kind={kind} is not one of: {', '.join(kinds)}")
     for key in ("iteration", "iterations", "generate.num_candidates", "data.prompts_per_iteration", "data.eval_prompts",
-                "rank.shortlist_m"):
+                "rank.shortlist_m", *AT_LEAST_ONE):
         if OmegaConf.select(cfg, key) < (0 if key == "iteration" else 1):
             raise TsalignError(f"{key} must be {'>= 0' if key == 'iteration' else '>= 1'}")
+    for key in ("optimizer.learning_rate", "distill.learning_rate"):
+        if not OmegaConf.select(cfg, key) > 0:
+            raise TsalignError(f"{key}={OmegaConf.select(cfg, key)} must be > 0")
 
 
 def swept_keys(hc) -> set[str]:
@@ -84,7 +96,15 @@ def _main(cfg: DictConfig) -> None:
         print(f"[tsalign] stage={cfg.stage} iteration={cfg.iteration} experiment={cfg.experiment_dir} "
               f"policy={cfg.policy.name} teacher={cfg.teacher.name} student={cfg.student.name} "
               f"sampler={cfg.sampler.backend}")
-        if cfg.stage == Stage.loop:
+        if cfg.stage == Stage.status:
+            from tsalign.status import main as show_status
+
+            show_status(Path(cfg.experiment_dir), cfg.iterations)
+        elif cfg.stage == Stage.report:
+            from tsalign.report import main as write_report
+
+            write_report(Path(cfg.experiment_dir))
+        elif cfg.stage == Stage.loop:
             from hydra.core.hydra_config import HydraConfig
 
             from tsalign.stages.loop import run_loop
@@ -95,11 +115,61 @@ def _main(cfg: DictConfig) -> None:
 
             run_stage(cfg, str(cfg.stage))
     except TsalignError as e:
-        print(f"tsalign: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
+    except OSError as e:
+        if e.errno not in UNWRITABLE or not e.filename:
+            raise
+        fail(f"cannot write {e.filename} ({e.strerror}); set paths.outputs (now {cfg.paths.outputs}) to a "
+             "writable folder")
     except KeyboardInterrupt:
         print("tsalign: interrupted; finished work is kept, rerun the same command to continue", file=sys.stderr)
         sys.exit(130)
+
+
+def fail(message: str) -> None:
+    print(f"tsalign: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def unwritable(path: Path) -> str | None:
+    """Why files cannot be created under `path` (it need not exist yet), or None. Tried, not guessed
+    from permission bits: root ignores those, a read-only mount does not."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            return None
+    except OSError as e:
+        return f"{existing}: {e.strerror}"
+
+
+def output_folders(config: DictConfig, hydra_dir: str) -> dict[str, str]:
+    """{key: folder} of every folder this run writes under (hydra_dir: run or sweep)."""
+    folders = {"paths.outputs": config.paths.outputs}
+    if config.get("experiment_dir"):
+        folders["experiment_dir"] = config.experiment_dir
+    folders[f"hydra.{hydra_dir}.dir"] = config.hydra[hydra_dir].dir
+    return folders
+
+
+class OutputsWritable(Callback):
+    """Refuses an output folder that cannot be written before Hydra creates its run folder in it,
+    with one line instead of Hydra's report of a mkdir traceback."""
+
+    def check(self, config: DictConfig, hydra_dir: str) -> None:
+        for key, folder in output_folders(config, hydra_dir).items():
+            why = unwritable(Path(folder).expanduser())
+            if why:
+                fail(f"{key}={folder} cannot be written ({why}); set paths.outputs to a writable folder")
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self.check(config, "run")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.check(config, "sweep")
 
 
 def main() -> None:

@@ -48,6 +48,18 @@ class FitSpec:
 
 
 @dataclass
+class VLLMOptions:
+    """A judge scored on a vLLM engine instead of transformers (tsalign.vllm_engine)."""
+
+    enabled: bool = False
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    max_model_len: Optional[int] = None  # null = the judge's max_length + 8
+    enforce_eager: Optional[bool] = None  # null = eager on CPU, CUDA graphs on GPU
+    kv_cache_gib: Optional[float] = None  # null = 2 GiB on CPU (or VLLM_CPU_KVCACHE_SPACE), vLLM's share on GPU
+
+
+@dataclass
 class ModelSpec:
     """One model: where it lives and what it is. Used for policy, teacher and student."""
 
@@ -65,8 +77,7 @@ class ModelSpec:
     fit: FitSpec = field(default_factory=FitSpec)
     judge_prompt: Optional[str] = None  # judges only: template with {prompt}, {response_a}, {response_b}
     judge_choices: List[str] = field(default_factory=lambda: ["A", "B"])
-    # judges only: score with vLLM on GPU; these go to vllm.LLM (e.g. {tensor_parallel_size: 4}); null = hf
-    vllm: Optional[Dict[str, Any]] = None
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)  # judges only: teacher.vllm.enabled=true
     max_length: int = 512  # tokens a scorer reads (prompt truncated from the left, response kept)
     batch_size: int = 16
 
@@ -80,10 +91,12 @@ class SamplerConfig:
     max_prompt_tokens: int = 512  # longer prompts are cut from the left (recorded per candidate)
     batch_size: int = 16  # hf: sequences per generate() call
     # vllm only
+    dtype: Optional[Dtype] = None  # the engine's dtype; null = policy.dtype (vLLM-CPU is fastest in bfloat16)
     tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.85
-    max_model_len: Optional[int] = None
-    enforce_eager: bool = False
+    gpu_memory_utilization: float = 0.85  # GPU: share of its memory for weights + KV cache
+    max_model_len: Optional[int] = None  # null = the model's own context length
+    enforce_eager: Optional[bool] = None  # null = eager on CPU, CUDA graphs on GPU
+    kv_cache_gib: Optional[float] = None  # null = 2 GiB on CPU (or VLLM_CPU_KVCACHE_SPACE), vLLM's share on GPU
 
 
 @dataclass

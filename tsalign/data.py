@@ -66,6 +66,14 @@ def _user_text(row: dict, prompt_field: str, input_field: str | None) -> str | l
     return value
 
 
+def is_empty_prompt(value) -> bool:
+    """A prompt with no text: null, blank, or chat messages that are all blank."""
+    if value is None or isinstance(value, str):
+        return not (value or "").strip()
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("content"), str) and not m["content"].strip() for m in value)
+
+
 def _as_messages(value, system_prompt: str | None, where: str) -> list[dict]:
     if isinstance(value, str):
         if not value.strip():
@@ -98,10 +106,13 @@ def _read_rows(path: Path) -> list[dict]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # noqa: BLE001 -- pyarrow's errors for a damaged or foreign file
+            raise TsalignError(f"{path}: not a readable Parquet file ({str(e).strip().splitlines()[0]})") from None
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(utf8_text(path))
         except json.JSONDecodeError as e:
             raise TsalignError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
         if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
@@ -113,8 +124,36 @@ def _read_rows(path: Path) -> list[dict]:
     raise TsalignError(f"{path}: unsupported prompt file type '{path.suffix}'; use .json, .jsonl, .parquet or a datasets folder")
 
 
+def utf8_text(path: Path) -> str:
+    """A file's text; bytes that are not UTF-8 are a one-line error naming the file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise TsalignError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8 "
+                           "(e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
 def load_prompt_pool(source: str, cache_dir: str | Path, path: str | None = None, prompt_field: str = "instruction",
                      input_field: str | None = "input", system_prompt: str | None = None) -> list[dict]:
+    """The prompt pool; empty prompts are skipped and counted (a file of nothing but empty prompts is an error)."""
+    pool, empty = read_prompt_pool(source, cache_dir, path, prompt_field, input_field, system_prompt)
+    if empty:
+        print(f"[data] skipped {len(empty)} empty prompt(s) in {path or source} (rows {', '.join(map(str, empty[:10]))}"
+              f"{' ...' if len(empty) > 10 else ''})")
+    return pool
+
+
+def empty_prompt_count(source: str, cache_dir: str | Path, path: str | None = None, prompt_field: str = "instruction",
+                       input_field: str | None = "input") -> int:
+    """How many prompts load_prompt_pool skips as empty (recorded in generate's manifest)."""
+    return len(read_prompt_pool(source, cache_dir, path, prompt_field, input_field)[1])
+
+
+def read_prompt_pool(source: str, cache_dir: str | Path, path: str | None = None, prompt_field: str = "instruction",
+                     input_field: str | None = "input", system_prompt: str | None = None) -> tuple[list[dict], list[int]]:
+    """(the pool, the row numbers of empty prompts skipped)."""
     if DataSource(source) is DataSource.file:
         if not path:
             raise TsalignError("data=file needs data.path=<JSON/JSONL/Parquet file or datasets folder>")
@@ -122,20 +161,27 @@ def load_prompt_pool(source: str, cache_dir: str | Path, path: str | None = None
     else:  # an embedded pool
         file, tag = embedded_file(source, cache_dir), str(source)
         prompt_field, input_field = "instruction", "input"
-    pool, seen = [], set()
+    pool, seen, empty = [], set(), []
     for i, row in enumerate(_read_rows(file)):
         where = f"{file} row {i + 1}"
         if not isinstance(row, dict) or prompt_field not in row:
             raise TsalignError(f"{where}: no field '{prompt_field}'; set data.prompt_field to the prompt's field")
-        messages = _as_messages(_user_text(row, prompt_field, input_field), system_prompt, where)
+        text = _user_text(row, prompt_field, input_field)
+        if is_empty_prompt(text):  # skipped and counted, as empty candidates are: one blank row spoils nothing
+            empty.append(i + 1)
+            continue
+        messages = _as_messages(text, system_prompt, where)
         key = json.dumps(messages)
         if key in seen:  # duplicates would leak between training and held-out shards
             continue
         seen.add(key)
         pool.append({"prompt_id": f"{tag}-{i:05d}", "messages": messages})
+    if empty and not pool:
+        raise TsalignError(f"{file}: no prompts: all {len(empty)} rows have an empty prompt; check the file and data.prompt_field "
+                           f"(now '{prompt_field}')")
     if not pool:
         raise TsalignError(f"{file}: no prompts")
-    return pool
+    return pool, empty
 
 
 def split_pool(pool: list[dict], eval_prompts: int, prompts_per_iteration: int, seed: int) -> tuple[list, list]:
@@ -145,7 +191,8 @@ def split_pool(pool: list[dict], eval_prompts: int, prompts_per_iteration: int, 
     shuffled = [pool[i] for i in order]
     if eval_prompts + prompts_per_iteration > len(pool):
         raise TsalignError(f"the pool has {len(pool)} prompts, fewer than data.eval_prompts + data.prompts_per_iteration "
-                           f"= {eval_prompts + prompts_per_iteration}; lower them")
+                           f"= {eval_prompts + prompts_per_iteration}; lower them, or bring a larger prompt set with "
+                           "data=file data.path=<JSON/JSONL/Parquet file>")
     return shuffled[:eval_prompts], shuffled[eval_prompts:]
 
 

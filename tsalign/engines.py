@@ -27,10 +27,10 @@ def open_sampler(cfg: DictConfig, model_dir: Path, seed: int):
     from tsalign.sampling import make_sampler
 
     s = cfg.sampler
-    return make_sampler(s.backend, model_dir, dtype=cfg.policy.dtype, device=pick_device(cfg.device),
+    return make_sampler(s.backend, model_dir, dtype=s.dtype or cfg.policy.dtype, device=pick_device(cfg.device),
                         batch_size=s.batch_size, seed=seed, tensor_parallel_size=s.tensor_parallel_size,
                         max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
-                        enforce_eager=s.enforce_eager)
+                        enforce_eager=s.enforce_eager, kv_cache_gib=s.kv_cache_gib)
 
 
 def open_scorer(cfg: DictConfig, spec: DictConfig, model_dir: Path):
@@ -40,7 +40,15 @@ def open_scorer(cfg: DictConfig, spec: DictConfig, model_dir: Path):
     return make_scorer(spec.kind, model_dir, device=pick_device(cfg.device), dtype=spec.dtype,
                        batch_size=spec.batch_size, max_length=spec.max_length, seed=spec.seed,
                        judge_prompt=spec.judge_prompt, judge_choices=tuple(spec.judge_choices),
-                       vllm_options=OmegaConf.to_container(spec.vllm) if spec.vllm is not None else None)
+                       vllm_options=vllm_options(spec))
+
+
+def vllm_options(spec: DictConfig) -> dict | None:
+    """A judge's vLLM engine options (None: the judge runs on transformers); unset ones are vLLM's defaults."""
+    if not spec.vllm.enabled:
+        return None
+    options = {k: v for k, v in OmegaConf.to_container(spec.vllm).items() if k != "enabled" and v is not None}
+    return {"max_model_len": spec.max_length + 8, **options}
 
 
 def teacher_model_dir(cfg: DictConfig, spec: DictConfig | None = None) -> Path:

@@ -22,7 +22,6 @@ from tsalign.errors import TsalignError
 log = logging.getLogger(__name__)
 
 
-
 def resolve_model_dir(
     path: str, cache_dir: str | Path, tiny: dict | None = None, kind: str = "causal_lm", seed: int = 0
 ) -> Path:
@@ -30,6 +29,14 @@ def resolve_model_dir(
     cache_dir = Path(cache_dir)
     if tiny:
         return _tiny_model_dir(resolve_model_dir(path, cache_dir), cache_dir, dict(tiny), kind, seed)
+    folder, gguf = locate_model(path, cache_dir)
+    return _gguf_to_hf(gguf, folder) if gguf else folder
+
+
+def locate_model(path: str, cache_dir: str | Path) -> tuple[Path, Path | None]:
+    """(the HF folder `path` stands for, the GGUF file it is converted from or None), converting and
+    loading nothing; a path that names no model is a TsalignError."""
+    cache_dir = Path(cache_dir)
     if path.startswith("pkg://"):
         package, _, inner = path[len("pkg://") :].partition("/")
         spec = importlib.util.find_spec(package)  # find_spec does not run the package's __init__
@@ -37,18 +44,34 @@ def resolve_model_dir(
             raise TsalignError(f"model package '{package}' is not installed; run `make setup` (or pip install it)")
         target = Path(spec.origin).parent / inner
         if inner.endswith(".gguf"):
-            return _gguf_to_hf(target, cache_dir / "models" / f"{package}-{Path(inner).stem}")
+            return cache_dir / "models" / f"{package}-{Path(inner).stem}", target
         if not target.is_dir():
             raise TsalignError(f"{path}: no folder '{inner}' inside package '{package}'")
-        return target
+        return target, None
     local = Path(path).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise TsalignError(f"{local} is not an HF model folder (no config.json)")
-        return local
+        return local, None
     if local.suffix == ".gguf" and local.is_file():
-        return _gguf_to_hf(local, cache_dir / "models" / local.stem)
-    return _from_hf_cache(path)
+        return cache_dir / "models" / local.stem, local
+    return _from_hf_cache(path), None
+
+
+def model_config(path: str, cache_dir: str | Path, tiny: dict | None = None) -> tuple[dict, Path] | None:
+    """(config.json as a dict, its path) of the model `path` names, with `tiny` overrides applied; reads
+    no weights. None for a GGUF not converted yet (its config exists only after conversion)."""
+    folder, gguf = locate_model(path, cache_dir)
+    file = folder / "config.json"
+    if not file.is_file():
+        if gguf is not None and not gguf.is_file():
+            raise TsalignError(f"GGUF file not found: {gguf}; reinstall its package (`make setup`)")
+        return None
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TsalignError(f"{file}: not a readable model config ({type(e).__name__})") from None
+    return {**config, **(tiny or {})}, file
 
 
 def _from_hf_cache(repo_id: str) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from tsalign.artifacts import atomic_dir, atomic_write_json, config_hash, fingerprint
+from tsalign.divergence import check_weights, diverged, divergence, largest_weight
 from tsalign.losses import bradley_terry_loss, pairwise_accuracy
 from tsalign.models import load_reward_model, load_tokenizer
 from tsalign.preference import pairs_longer_wins, response_text
@@ -26,12 +27,16 @@ log = logging.getLogger(__name__)
 
 def train_reward_model(model_dir: Path, out_dir: Path, pairs: list[dict], *, epochs: int = 1, batch_size: int = 8,
                        learning_rate: float = 2e-5, max_length: int = 256, seed: int = 0, use_margin: bool = False,
-                       device: str = "cpu", on_step=None, init_seed: int | None = None) -> dict:
+                       device: str = "cpu", on_step=None, init_seed: int | None = None,
+                       lr_key: str = "learning_rate", what: str = "reward model training") -> dict:
     """Fine-tune the reward model in `model_dir` on `pairs` and save it to `out_dir` (atomically).
-    `init_seed` seeds a new reward head (default: `seed`); `seed` the shuffles and dropout."""
+    `init_seed` seeds a new reward head (default: `seed`); `seed` the shuffles and dropout. A diverging
+    run (tsalign.divergence) stops with an error naming `lr_key`, the config key of `learning_rate`,
+    and saves nothing."""
     tokenizer = load_tokenizer(model_dir)
     model = load_reward_model(model_dir, device=device, seed=seed if init_seed is None else init_seed)
     model.config.pad_token_id = tokenizer.pad_token_id
+    largest_before = largest_weight(model)
     encoded, truncated, identical = [], 0, 0
     for p in pairs:
         c, cut_c = encode_pair_text(tokenizer, p["prompt"], response_text(p["chosen"]), max_length)
@@ -58,7 +63,11 @@ def train_reward_model(model_dir: Path, out_dir: Path, pairs: list[dict], *, epo
             margin = torch.tensor([b[2] for b in batch], device=device) if use_margin else None
             loss = bradley_terry_loss(rewards[: len(batch)], rewards[len(batch) :], margin)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            values = {"loss": loss.item(), "grad_norm": grad_norm.item()}
+            reason = divergence(values, losses[0] if losses else values["loss"])
+            if reason:
+                raise diverged(what, f"at step {step + 1}/{total}", reason, lr_key, learning_rate)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad()
@@ -67,6 +76,7 @@ def train_reward_model(model_dir: Path, out_dir: Path, pairs: list[dict], *, epo
             if on_step:
                 on_step(step, {"loss": losses[-1], "lr": schedule.get_last_lr()[0], "epoch": epoch})
     model.eval()
+    check_weights(model, what, lr_key, learning_rate, largest_before)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -104,7 +114,8 @@ def fitted_reward_model(base_dir: Path, fit: dict, cache_dir: Path, name: str, d
     report["before"] = pair_accuracy(base_dir, held_out, fit["max_length"], device, head_seed)
     report["train"] = train_reward_model(base_dir, out, train, epochs=fit["epochs"], batch_size=fit["batch_size"],
                                          learning_rate=fit["learning_rate"], max_length=fit["max_length"],
-                                         seed=head_seed, device=device)
+                                         seed=head_seed, device=device, lr_key="teacher.fit.learning_rate",
+                                         what=f"the fit of teacher '{name}'")
     report["held_out"] = pair_accuracy(out, held_out, fit["max_length"], device)
     atomic_write_json(out / "fit_report.json", report)  # last: marks the fit complete
     print(f"[tsalign] {name}: held-out accuracy {report['before']['accuracy']:.2f} -> "

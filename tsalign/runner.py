@@ -3,6 +3,7 @@ manifest last. The one place that knows every stage (REGISTRY) and the stage lif
 
     record  = stage_record(cfg, name)          plan -> StageRun (config slice + inputs; nothing loaded)
     is_done -> skip                             matching manifest, outputs verified intact
+    check_stage                                 paths, roles, lengths, K, tracker: no model loaded, nothing written
     begin   -> StageContext -> stage.run(ctx)  -> StageResult -> finish (manifest written last)
 """
 
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tsalign.artifacts import StageRun, read_manifest, stage_dir, stage_lock
 from tsalign.lineage import experiment_dir
+from tsalign.preflight import check_stage
 from tsalign.stages import distill, dpo, evaluate, generate, rank
 from tsalign.stages.contract import Plan, Stage, StageContext
 from tsalign.tracking import start_tracker
@@ -39,12 +41,13 @@ def run_stage(cfg: DictConfig, name: str) -> dict:
         if run.is_done():
             print(f"[tsalign] iter_{cfg.iteration}/{name}: done already (manifest matches), skipped")
             return read_manifest(run.directory)
-        work = run.begin()
+        check_stage(cfg, name)  # before anything is written or loaded: a bad path or length is one line
         tracker = start_tracker(cfg.logger.backend, cfg.logger.project, cfg.experiment_name, name, cfg.iteration,
                                 OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
                                 experiment_dir(cfg) / "wandb", cfg.logger.mode, cfg.logger.entity)
         t0 = time.time()
         try:
+            work = run.begin()
             ctx = StageContext(cfg=cfg, iteration=cfg.iteration, directory=work, plan=plan, stamp=run.stamp(),
                                tracker=tracker)
             result = stage.run(ctx)
@@ -54,4 +57,8 @@ def run_stage(cfg: DictConfig, name: str) -> dict:
             with contextlib.suppress(Exception):  # tracking trouble never costs finished work
                 tracker.finish()
     print(f"[tsalign] iter_{cfg.iteration}/{name}: finished in {time.time() - t0:.1f}s -> {run.directory}")
+    if name == "evaluate":  # the report reads finished stages: after the manifest is written
+        from tsalign.report import report_after_run
+
+        report_after_run(experiment_dir(cfg))
     return manifest

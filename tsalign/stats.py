@@ -60,3 +60,102 @@ def win_rate(outcomes: list[float], confidence: float = 0.95) -> dict:
     return {"n": len(outcomes), "win": sum(o == 1.0 for o in outcomes), "tie": sum(o == 0.5 for o in outcomes),
             "loss": sum(o == 0.0 for o in outcomes), "win_rate": rate, "ci_low": low, "ci_high": high,
             "confidence": confidence}
+
+
+def bootstrap_interval(values: list[float], statistic=None, confidence: float = 0.95, n_boot: int = 2000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of `statistic` (default: the mean) over resamples of `values` (paired rows
+    stay together when values are tuples). Seeded: the same inputs give the same interval."""
+    import random
+
+    if not values:
+        return math.nan, math.nan
+    stat = statistic or statistics.fmean
+    rng = random.Random(seed)
+    n = len(values)
+    draws = sorted(stat([values[rng.randrange(n)] for _ in range(n)]) for _ in range(n_boot))
+    tail = (1 - confidence) / 2
+    return draws[int(tail * (n_boot - 1))], draws[int(math.ceil((1 - tail) * (n_boot - 1)))]
+
+
+def paired_win_rate(outcomes: list[float], confidence: float = 0.95, seed: int = 0) -> dict:
+    """Win / tie / loss and the win rate (ties half) with a seeded bootstrap interval over prompts."""
+    rate = statistics.fmean(outcomes) if outcomes else math.nan
+    low, high = bootstrap_interval(outcomes, confidence=confidence, seed=seed)
+    return {"n": len(outcomes), "win": sum(o == 1.0 for o in outcomes), "tie": sum(o == 0.5 for o in outcomes),
+            "loss": sum(o == 0.0 for o in outcomes), "win_rate": rate, "ci_low": low, "ci_high": high,
+            "confidence": confidence, "interval": "paired bootstrap"}
+
+
+def length_feature(len_a: list[float], len_b: list[float]) -> list[float]:
+    """AlpacaEval 2.0's length term: tanh(length difference / its standard deviation)."""
+    diffs = [a - b for a, b in zip(len_a, len_b)]
+    sd = statistics.pstdev(diffs) if len(diffs) > 1 else 0.0
+    return [math.tanh(d / sd) if sd > 0 else 0.0 for d in diffs]
+
+
+def fit_logistic(x: list[float], y: list[float], l2: float = 1e-3, steps: int = 50) -> tuple[float, float]:
+    """(intercept, slope) of P(y=1) = sigmoid(a + b x) by Newton's method; y may be soft (ties 0.5).
+    A small L2 penalty keeps the fit finite when the data are separable (every win longer, say)."""
+    a = b = 0.0
+    for _ in range(steps):
+        p = [1 / (1 + math.exp(-(a + b * xi))) for xi in x]
+        w = [pi * (1 - pi) for pi in p]
+        ga = sum(pi - yi for pi, yi in zip(p, y)) + l2 * a
+        gb = sum((pi - yi) * xi for pi, yi, xi in zip(p, y, x)) + l2 * b
+        haa, hab = sum(w) + l2, sum(wi * xi for wi, xi in zip(w, x))
+        hbb = sum(wi * xi * xi for wi, xi in zip(w, x)) + l2
+        det = haa * hbb - hab * hab
+        if det <= 1e-12:
+            break
+        da, db = (hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det
+        a, b = a - da, b - db
+        if abs(da) + abs(db) < 1e-10:
+            break
+    return a, b
+
+
+def length_controlled_win_rate(outcomes: list[float], len_policy: list[float], len_base: list[float],
+                               confidence: float = 0.95, seed: int = 0) -> dict:
+    """AlpacaEval 2.0's idea on one policy pair: model the judge's preference as
+    logit P(policy wins) = a + b * tanh(len_diff / sd(len_diff)) and report the win rate at equal
+    length, sigmoid(a), with a seeded bootstrap interval (the model refitted on each resample).
+    `length_coef` b > 0: the judge favours the longer answer."""
+    if not outcomes:
+        return {"lc_win_rate": math.nan, "lc_ci_low": math.nan, "lc_ci_high": math.nan, "length_coef": math.nan}
+    x = length_feature(len_policy, len_base)
+
+    def at_equal_length(rows) -> float:
+        a, _ = fit_logistic([r[0] for r in rows], [r[1] for r in rows])
+        return 1 / (1 + math.exp(-a))
+
+    rows = list(zip(x, outcomes))
+    a, b = fit_logistic(x, outcomes)
+    low, high = bootstrap_interval(rows, at_equal_length, confidence, n_boot=500, seed=seed)
+    return {"lc_win_rate": 1 / (1 + math.exp(-a)), "lc_ci_low": low, "lc_ci_high": high, "length_coef": b}
+
+
+def control_checks(control_outcomes: list[float], len_a: list[float], len_b: list[float],
+                   first_slot_picks: int | None, single_order_verdicts: int | None, confidence: float = 0.95,
+                   seed: int = 0) -> dict:
+    """Bias checks on the base-vs-base control (pi_0 against pi_0, where neither arm is better on
+    average). Each passes when its interval contains 0.5:
+    - win_rate: the control's win rate;
+    - position (pairwise judges): how often a single-order verdict picked the first slot; a judge that
+      answers by position fails it, although averaging both orders hides that in the win rate;
+    - length: how often the longer answer won a decided control pair; a judge that rewards length
+      fails it (then read the length-controlled win rate, not the raw one)."""
+    checks = {}
+    rate = paired_win_rate(control_outcomes, confidence, seed)
+    checks["win_rate"] = {"value": rate["win_rate"], "ci": [rate["ci_low"], rate["ci_high"]]}
+    if single_order_verdicts:
+        p = first_slot_picks / single_order_verdicts
+        checks["position"] = {"value": p, "ci": list(wilson_interval(p, single_order_verdicts, confidence))}
+    decided = [(la, lb) if o == 1.0 else (lb, la) for o, la, lb in zip(control_outcomes, len_a, len_b) if o != 0.5]
+    if decided:
+        hits = [1.0 if w > lo else 0.5 if w == lo else 0.0 for w, lo in decided]
+        checks["length"] = {"value": statistics.fmean(hits), "ci": list(bootstrap_interval(hits, None, confidence,
+                                                                                             seed=seed))}
+    for check in checks.values():
+        check["passed"] = bool(check["ci"][0] <= 0.5 <= check["ci"][1])
+    return {"passed": all(c["passed"] for c in checks.values()), "checks": checks}

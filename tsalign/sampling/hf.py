@@ -8,16 +8,7 @@ from pathlib import Path
 import torch
 
 from tsalign.models import load_causal_lm, load_tokenizer
-from tsalign.sampling.base import Completion, SamplingParams
-
-
-def chat_prompt_ids(tokenizer, messages: list[dict], max_prompt_tokens: int) -> tuple[list[int], bool]:
-    """Token ids of a chat prompt ending in the assistant turn; over-long prompts lose their start."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template already holds BOS
-    if len(ids) > max_prompt_tokens:
-        return ids[-max_prompt_tokens:], True
-    return ids, False
+from tsalign.sampling.base import Completion, SamplingParams, chat_prompt_ids
 
 
 class HFSampler:

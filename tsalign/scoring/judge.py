@@ -49,13 +49,14 @@ def check_template(template: str) -> None:
                            f"{sorted(fields)}")
 
 
-class JudgeScorer:
-    def __init__(self, model_dir: Path, device: str = "cpu", dtype: str = "float32", batch_size: int = 8,
-                 max_length: int = 1024, template: str = "", choices: tuple[str, str] = ("A", "B")):
-        self.tokenizer = load_tokenizer(model_dir, padding_side="left", chat=True)
+class PairwiseJudge:
+    """What every judge backend shares: the prompt template, clipping, both orders, round-robin
+    scores, bookkeeping. A backend implements `_first_probs` (P(first slot wins) per item) and `close`."""
+
+    def __init__(self, model_dir: Path, batch_size: int, max_length: int, template: str, choices: tuple[str, str]):
         check_template(template)
-        self.model = load_causal_lm(model_dir, dtype=dtype, device=device)
-        self.device, self.batch_size, self.max_length, self.template = device, batch_size, max_length, template
+        self.tokenizer = load_tokenizer(model_dir, padding_side="left", chat=True)
+        self.batch_size, self.max_length, self.template = batch_size, max_length, template
         self.choice_ids = self._choice_ids(choices)
         self.stats = {"calls": 0, "truncated": 0, "seconds": 0.0, "first_position_picks": 0}
 
@@ -80,15 +81,8 @@ class JudgeScorer:
                                                   tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_length :]
 
-    @torch.no_grad()
     def _first_probs(self, items: list[tuple[list[dict], str, str]]) -> list[float]:
-        out = []
-        for start in range(0, len(items), self.batch_size):
-            feats = [{"input_ids": self._render(*it)} for it in items[start : start + self.batch_size]]
-            batch = {k: v.to(self.device) for k, v in self.tokenizer.pad(feats, return_tensors="pt").items()}
-            logits = self.model(**batch).logits[:, -1, self.choice_ids].float()  # left padding: last is real
-            out += torch.softmax(logits, dim=-1)[:, 0].tolist()
-        return out
+        raise NotImplementedError
 
     def _p_first(self, items: list[tuple[list[dict], str, str]]) -> list[float]:
         """P(the first slot wins) for each (prompt, first, second), from the two choice tokens only."""
@@ -118,41 +112,74 @@ class JudgeScorer:
         return self.stats["first_position_picks"] / self.stats["calls"] if self.stats["calls"] else None
 
     def close(self) -> None:
-        del self.model
+        pass
 
 
-class VLLMJudgeScorer(JudgeScorer):
-    """The same judge on vLLM (GPU): one-token generations restricted to the two choice tokens, read
-    from their log-probabilities. `options` go to vllm.LLM (tensor_parallel_size, gpu_memory_utilization)."""
+def two_way_softmax(logit_first: float, logit_second: float) -> float:
+    """P(first) from the two choice tokens' logits or log-probabilities alone."""
+    m = max(logit_first, logit_second)
+    w1, w2 = math.exp(logit_first - m), math.exp(logit_second - m)
+    return w1 / (w1 + w2)
 
-    def __init__(self, model_dir: Path, dtype: str = "auto", batch_size: int = 8, max_length: int = 4096,
-                 template: str = "", choices: tuple[str, str] = ("A", "B"), options: dict | None = None):
-        from tsalign.sampling.vllm import import_vllm
 
-        vllm = import_vllm()
-        if not torch.cuda.is_available():
-            raise TsalignError("a vLLM judge needs a CUDA GPU and none is visible; set teacher.vllm=null for the hf judge")
-        self.tokenizer = load_tokenizer(model_dir, padding_side="left", chat=True)
-        check_template(template)
-        self.batch_size, self.max_length, self.template = batch_size, max_length, template
-        self.choice_ids = self._choice_ids(choices)
-        self._vllm = vllm
-        options = {"max_model_len": max_length + 8, **(options or {})}
-        self.llm = vllm.LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, **options)
-        self.stats = {"calls": 0, "truncated": 0, "seconds": 0.0, "first_position_picks": 0}
+class JudgeScorer(PairwiseJudge):
+    """The judge on transformers: the next-token logits of the two choice tokens."""
 
+    def __init__(self, model_dir: Path, device: str = "cpu", dtype: str = "float32", batch_size: int = 8,
+                 max_length: int = 1024, template: str = "", choices: tuple[str, str] = ("A", "B")):
+        super().__init__(model_dir, batch_size, max_length, template, choices)
+        self.model = load_causal_lm(model_dir, dtype=dtype, device=device)
+        self.device = device
+
+    @torch.no_grad()
     def _first_probs(self, items: list[tuple[list[dict], str, str]]) -> list[float]:
-        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=20,
-                                           allowed_token_ids=list(self.choice_ids))
-        outputs = self.llm.generate([{"prompt_token_ids": self._render(*it)} for it in items], params, use_tqdm=True)
         out = []
-        for request in outputs:
-            top = request.outputs[0].logprobs[0]  # token id -> Logprob of the one generated position
-            lp = [top[i].logprob if i in top else -math.inf for i in self.choice_ids]
-            m = max(lp)
-            w = [math.exp(x - m) for x in lp]
-            out.append(w[0] / sum(w))
+        for start in range(0, len(items), self.batch_size):
+            feats = [{"input_ids": self._render(*it)} for it in items[start : start + self.batch_size]]
+            batch = {k: v.to(self.device) for k, v in self.tokenizer.pad(feats, return_tensors="pt").items()}
+            logits = self.model(**batch).logits[:, -1, self.choice_ids].float()  # left padding: last is real
+            out += torch.softmax(logits, dim=-1)[:, 0].tolist()
         return out
 
     def close(self) -> None:
-        del self.llm
+        del self.model
+
+
+class VLLMJudgeScorer(PairwiseJudge):
+    """The same judge on vLLM: one-token requests that ask for the log-probabilities of exactly the
+    two choice tokens (SamplingParams.logprob_token_ids), so both are always there. vLLM returns them
+    from the raw distribution (before temperature or any whitelist), as the hf judge reads them.
+    `options` go to vllm.LLM (tensor_parallel_size, gpu_memory_utilization, kv_cache_gib, ...)."""
+
+    def __init__(self, model_dir: Path, dtype: str = "auto", batch_size: int = 8, max_length: int = 4096,
+                 template: str = "", choices: tuple[str, str] = ("A", "B"), options: dict | None = None):
+        from tsalign.vllm_engine import import_vllm, start_engine
+
+        super().__init__(model_dir, batch_size, max_length, template, choices)
+        self._vllm = import_vllm()
+        self.llm = start_engine(model_dir, **{"dtype": str(dtype), "max_model_len": max_length + 8, **(options or {})})
+
+    def _first_probs(self, items: list[tuple[list[dict], str, str]]) -> list[float]:
+        from vllm.inputs import TokensPrompt
+
+        from tsalign.vllm_engine import engine_failed
+
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(self.choice_ids))
+        try:
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=self._render(*it)) for it in items], params,
+                                        use_tqdm=False)
+        except Exception as e:  # noqa: BLE001 -- e.g. EngineDeadError
+            raise engine_failed(e, "judging") from None
+        out = []
+        for request in outputs:
+            position = request.outputs[0].logprobs[0]  # token id -> Logprob at the one generated position
+            if any(i not in position for i in self.choice_ids):  # never with logprob_token_ids: fail, not -inf
+                raise TsalignError(f"vLLM returned no log-probability for a judge choice token {self.choice_ids}")
+            out.append(two_way_softmax(*(position[i].logprob for i in self.choice_ids)))
+        return out
+
+    def close(self) -> None:
+        from tsalign.vllm_engine import stop_engine
+
+        stop_engine(getattr(self, "llm", None))
+        self.llm = None

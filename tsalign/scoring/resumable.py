@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Callable
 
 from tsalign.artifacts import PartialRows
+from tsalign.progress import progress
 from tsalign.scoring.base import Scorer
 
 SCORE_CHUNK = 64  # prompts per scorer call
@@ -13,7 +14,7 @@ STATS = ("calls", "seconds", "truncated", "first_position_picks")
 
 
 def score_resumably(open_scorer: Callable[[], Scorer], ids: list[str], prompts: list, groups: list[list[str]],
-                    partial: PartialRows) -> tuple[list[list[float]], dict]:
+                    partial: PartialRows, desc: str = "scoring") -> tuple[list[list[float]], dict]:
     """Scores of every group; the scorer is opened only if some group is not in `partial` yet. Stats
     are summed over every chunk ever run, resumed ones included."""
     chunk = SCORE_CHUNK
@@ -21,12 +22,14 @@ def score_resumably(open_scorer: Callable[[], Scorer], ids: list[str], prompts: 
     if todo:
         scorer = open_scorer()
         try:
-            for start in range(0, len(todo), chunk):
-                idx = todo[start : start + chunk]
-                before = {k: scorer.stats.get(k, 0) for k in STATS}
-                scores = scorer.score_groups([prompts[i] for i in idx], [groups[i] for i in idx])
-                share = {k: (scorer.stats.get(k, 0) - before[k]) / len(idx) for k in STATS}
-                partial.extend([{"prompt_id": ids[i], "scores": s, **share} for i, s in zip(idx, scores)])
+            with progress(len(ids), desc, "prompt", initial=len(ids) - len(todo)) as bar:
+                for start in range(0, len(todo), chunk):
+                    idx = todo[start : start + chunk]
+                    before = {k: scorer.stats.get(k, 0) for k in STATS}
+                    scores = scorer.score_groups([prompts[i] for i in idx], [groups[i] for i in idx])
+                    share = {k: (scorer.stats.get(k, 0) - before[k]) / len(idx) for k in STATS}
+                    partial.extend([{"prompt_id": ids[i], "scores": s, **share} for i, s in zip(idx, scores)])
+                    bar.update(len(idx))
         finally:
             scorer.close()
     done = [partial.rows[pid] for pid in ids]

@@ -88,7 +88,8 @@ def run(ctx: StageContext) -> StageResult:
     train_stats = train_reward_model(student_dir, out, train, epochs=d.epochs, batch_size=d.batch_size,
                                      learning_rate=d.learning_rate, max_length=d.max_length,
                                      seed=cfg.seed + cfg.iteration, init_seed=cfg.student.seed,
-                                     use_margin=d.use_margin, device=device, on_step=log_step)
+                                     use_margin=d.use_margin, device=device, on_step=log_step,
+                                     lr_key="distill.learning_rate", what="distill")
     after, human_after = accuracy(out, held_out), accuracy(out, human)
 
     metrics = {"source": d.source, "train_pairs": len(train), "replayed_pairs": replayed, "held_out_pairs": len(held_out),

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from tsalign.artifacts import atomic_dir, atomic_write_text, config_hash, read_jsonl
 from tsalign.choices import Reference
+from tsalign.divergence import check_weights, diverged, divergence, largest_weight
 from tsalign.errors import TsalignError
 from tsalign.lineage import base_model_dir, finished_output, policy_source
 from tsalign.models import load_causal_lm, load_tokenizer, pick_device
@@ -46,6 +47,13 @@ def plan(cfg: DictConfig) -> Plan:
     return Plan(config, {"pairs": pairs, **({"policy": policy} if policy else {})})
 
 
+def trained_dtype(cfg: DictConfig) -> str:
+    """The dtype the trained weights are held in. Full DPO keeps an fp32 master copy (bf16 only as
+    autocast, DPOConfig.bf16): at a DPO learning rate (5e-7) most updates to bf16 weights round away.
+    With LoRA the frozen base stays in policy.dtype and the adapter trains in fp32 (PEFT's default)."""
+    return cfg.policy.dtype if cfg.dpo.lora else "float32"
+
+
 def training_args(cfg: DictConfig, output_dir: Path, device: str, report_to: list[str]):
     import torch
     from trl import DPOConfig
@@ -62,7 +70,7 @@ def training_args(cfg: DictConfig, output_dir: Path, device: str, report_to: lis
         warmup_steps=o.warmup_ratio,  # transformers 5 has no warmup_ratio: a float below 1 is a ratio
         optim=o.name, logging_steps=d.logging_steps, seed=cfg.seed,
         save_strategy="steps", save_steps=d.save_steps, save_total_limit=2, report_to=report_to,
-        use_cpu=not gpu, bf16=gpu and torch.cuda.is_bf16_supported(), activation_checkpointing=gpu,
+        use_cpu=not gpu, bf16=gpu and torch.cuda.is_bf16_supported(), gradient_checkpointing=gpu,
         disable_tqdm=True,
     )
 
@@ -98,25 +106,42 @@ def make_trainer(cfg: DictConfig, model, ref_model, tokenizer, dataset, args):
         if bars:
             datasets.enable_progress_bars()
     trainer.remove_callback(PrinterCallback)  # one short line per log instead of the full dict
-    trainer.add_callback(stage_callback())
+    trainer.add_callback(stage_callback(cfg.optimizer.learning_rate))
     return trainer
 
 
-def stage_callback():
-    """One short line per logged step; and no checkpoint after the last step, where the policy is saved
-    next anyway (a full-model + optimizer checkpoint costs ~14 s and 1.6 GB for SmolLM2-135M)."""
+def stage_callback(learning_rate: float):
+    """One short line per logged step; no checkpoint after the last step, where the policy is saved
+    next anyway (a full-model + optimizer checkpoint costs ~14 s and 1.6 GB for SmolLM2-135M); and a
+    diverging run (tsalign.divergence) stops at the step that shows it, before any checkpoint of it
+    is saved (Trainer logs before it saves), with an error naming optimizer.learning_rate."""
     from transformers import TrainerCallback
 
     class StageCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started, self.first_step = time.monotonic(), state.global_step  # a resumed run starts later
+
+        def eta(self, state) -> str:
+            done = state.global_step - self.first_step
+            if done <= 0:
+                return ""
+            per_step = (time.monotonic() - self.started) / done
+            return f", {per_step:.1f} s/step, ETA {per_step * (state.max_steps - state.global_step):.0f} s"
+
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step >= state.max_steps:
                 control.should_save = False
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            first = next((h["loss"] for h in state.log_history if "loss" in h), None)
+            reason = divergence(logs or {}, first)
+            if reason:
+                raise diverged("DPO", f"at step {state.global_step}/{state.max_steps}", reason,
+                               "optimizer.learning_rate", learning_rate)
             if logs and "loss" in logs:
                 print(f"[dpo] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
                       f"acc {logs.get('rewards/accuracies', float('nan')):.2f} "
-                      f"margin {logs.get('rewards/margins', float('nan')):.4f}", flush=True)
+                      f"margin {logs.get('rewards/margins', float('nan')):.4f}{self.eta(state)}", flush=True)
 
     return StageCallback()
 
@@ -172,7 +197,8 @@ def run(ctx: StageContext) -> StageResult:
     with trl_errors():  # a bad loss_type / optimizer / scheduler fails here, before any model loads
         args = training_args(cfg, ckpt_dir, device, tracker.report_to)
     t0 = time.time()
-    model = load_causal_lm(model_dir, cfg.policy.dtype, device)
+    model = load_causal_lm(model_dir, trained_dtype(cfg), device)
+    largest_before = largest_weight(model)  # a weight blow-up is divergence too (tsalign.divergence)
     use_cache = model.config.use_cache  # Trainer turns it off for training; the saved policy gets it back
     ref_dir = base_model_dir(cfg, cfg.policy) if cfg.dpo.reference == Reference.initial else None
     ref_model = load_causal_lm(ref_dir, cfg.policy.dtype, device) if ref_dir else None  # None: TRL uses pi_t
@@ -191,6 +217,7 @@ def run(ctx: StageContext) -> StageResult:
 
     trained = trainer.model.merge_and_unload() if cfg.dpo.lora else trainer.model
     trained.config.use_cache = use_cache
+    check_weights(trained, "DPO", "optimizer.learning_rate", cfg.optimizer.learning_rate, largest_before)
     with atomic_dir(out_dir / "policy") as tmp:
         trained.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

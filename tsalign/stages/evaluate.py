@@ -32,7 +32,14 @@ from tsalign.lineage import base_model_dir, experiment_dir, finished_output, pro
 from tsalign.sampling.resumable import chunk_prompts, sample_rows
 from tsalign.selection import Verdict, student_agrees
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
-from tsalign.stats import longer_wins_rate, mean_interval, outcome, win_rate
+from tsalign.stats import (
+    bootstrap_interval,
+    control_checks,
+    length_controlled_win_rate,
+    longer_wins_rate,
+    outcome,
+    paired_win_rate,
+)
 
 
 def judge_spec(cfg: DictConfig) -> DictConfig:
@@ -66,17 +73,29 @@ def answers(cfg: DictConfig, model_dir: Path, prompts: list[dict], runs: list[tu
     return out
 
 
-def compare(prompts: list[list[dict]], policy: list[str], base: list[str], judge, tie: float,
-            confidence: float) -> dict:
-    scores = judge.score_groups(prompts, [[a, b] for a, b in zip(policy, base)])
+def judge_pairs(prompts: list[list[dict]], a: list[str], b: list[str], judge) -> tuple[list[list[float]], dict]:
+    """The judge's [score(a), score(b)] per prompt, and its single-order first-slot picks while judging
+    (pairwise judges count them; reward models do not)."""
+    before = dict(judge.stats)
+    scores = judge.score_groups(prompts, [[x, y] for x, y in zip(a, b)])
+    picks = {k: judge.stats.get(k, 0) - before.get(k, 0) for k in ("first_position_picks", "calls")}
+    return scores, picks if "first_position_picks" in judge.stats else {}
+
+
+def comparison(scores: list[list[float]], policy: list[str], base: list[str], tie: float, confidence: float,
+               seed: int) -> dict:
+    """Win rate (ties half) and the paired reward difference with seeded bootstrap intervals over prompts,
+    the length-controlled win rate, and how often the longer answer won."""
     deltas = [s[0] - s[1] for s in scores]
     outcomes = [outcome(d, tie) for d in deltas]
-    mean_delta, low, high = mean_interval(deltas, confidence)
-    decided = [(a, b) if o == 1.0 else (b, a) for o, a, b in zip(outcomes, policy, base) if o != 0.5]
-    return {**win_rate(outcomes, confidence), "scores": scores, "reward_delta": mean_delta, "reward_delta_ci": [low, high],
+    low, high = bootstrap_interval(deltas, confidence=confidence, seed=seed)
+    decided = [(len(a), len(b)) if o == 1.0 else (len(b), len(a)) for o, a, b in zip(outcomes, policy, base) if o != 0.5]
+    return {**paired_win_rate(outcomes, confidence, seed),
+            **length_controlled_win_rate(outcomes, [len(a) for a in policy], [len(b) for b in base], confidence, seed),
+            "reward_delta": statistics.fmean(deltas), "reward_delta_ci": [low, high],
             "policy_reward": statistics.fmean(s[0] for s in scores), "base_reward": statistics.fmean(s[1] for s in scores),
-            "longer_wins_rate": longer_wins_rate([len(w) for w, _ in decided], [len(lo) for _, lo in decided])
-            if decided else None}
+            "longer_wins_rate": longer_wins_rate([w for w, _ in decided], [lo for _, lo in decided]) if decided else None,
+            "outcomes": outcomes}
 
 
 def progress_plot(experiment: Path, current: dict, iteration: int, out: Path) -> Path:
@@ -93,10 +112,14 @@ def progress_plot(experiment: Path, current: dict, iteration: int, out: Path) ->
     its = sorted(points)
     x = [t + 1 for t in its]  # iteration t's evaluate judges pi_{t+1}
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    wr = [points[t]["win_rate"] for t in its]
-    err = [[w - points[t]["ci_low"] for w, t in zip(wr, its)], [points[t]["ci_high"] - w for w, t in zip(wr, its)]]
-    axes[0].errorbar(x, wr, yerr=err, marker="o", capsize=4)
+    for key, low, high, label, dx in (("win_rate", "ci_low", "ci_high", "raw", -0.04),
+                                       ("lc_win_rate", "lc_ci_low", "lc_ci_high", "length-controlled", 0.04)):
+        shown = [t for t in its if points[t].get(key) is not None]  # older metrics lack the LC win rate
+        wr = [points[t][key] for t in shown]
+        err = [[w - points[t][low] for w, t in zip(wr, shown)], [points[t][high] - w for w, t in zip(wr, shown)]]
+        axes[0].errorbar([t + 1 + dx for t in shown], wr, yerr=err, marker="o", capsize=4, label=label)
     axes[0].axhline(0.5, color="grey", ls="--", lw=1)
+    axes[0].legend(fontsize=8)
     axes[0].set(title=f"win rate vs pi_0 ({current['judge']})", xlabel="policy pi_t", ylim=(0, 1))
     axes[1].plot(x, [points[t]["student_agreement"] for t in its], marker="o")
     axes[1].set(title="student-judge agreement", xlabel="student_t", ylim=(0, 1))
@@ -114,54 +137,95 @@ def progress_plot(experiment: Path, current: dict, iteration: int, out: Path) ->
     return atomic_write_bytes(out, png.getvalue())
 
 
+def same_model(a: DictConfig, b: DictConfig) -> bool:
+    """Whether two model options name the same scorer (what it is, not how it is batched)."""
+    keys = ("path", "kind", "tiny", "seed", "fit", "judge_prompt", "judge_choices")
+    plain_a, plain_b = (OmegaConf.to_container(spec, resolve=True) for spec in (a, b))
+    return all(plain_a[k] == plain_b[k] for k in keys)
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg, out_dir, tracker = ctx.cfg, ctx.directory, ctx.tracker
     t, e = ctx.iteration, cfg.evaluate
     held_out, _ = prompt_split(cfg)
-    policy_dir = ctx.inputs["policy"]
     base_dir = base_model_dir(cfg, cfg.policy)
     shared = experiment_dir(cfg) / "_eval_answers"
     key = config_hash([section(cfg, "policy", "sampler", "data"), e.seed])
+    # matched arms: pi_{t+1} and the control's pi_0 both answer with seed+1 against pi_0's seed answers,
+    # so the control differs from the main comparison in the model only
     base_runs = [(e.seed, shared / f"base-{key}.jsonl")] + ([(e.seed + 1, shared / f"control-{key}.jsonl")]
                                                             if e.control else [])
     base, *rest = answers(cfg, base_dir, held_out, base_runs)
     control = rest[0] if rest else None
-    (policy,) = answers(cfg, policy_dir, held_out, [(e.seed, out_dir / "_work" / "policy_answers.jsonl")])
+    (policy,) = answers(cfg, ctx.inputs["policy"], held_out, [(e.seed + 1, out_dir / "_work" / "policy_answers.jsonl")])
 
     prompts = [p["messages"] for p in held_out]
     spec = judge_spec(cfg)
     judge = open_scorer(cfg, spec, teacher_model_dir(cfg, spec))
-    main = compare(prompts, policy, base, judge, e.tie_threshold, e.confidence)
-    ctrl = compare(prompts, control, base, judge, e.tie_threshold, e.confidence) if control else None
-    judge.close()
+    try:
+        main_scores, _ = judge_pairs(prompts, policy, base, judge)
+        ctrl_scores, ctrl_picks = judge_pairs(prompts, control, base, judge) if control else (None, {})
+    finally:
+        judge.close()
+    main = comparison(main_scores, policy, base, e.tie_threshold, e.confidence, e.seed)
+    ctrl = comparison(ctrl_scores, control, base, e.tie_threshold, e.confidence, e.seed) if control else None
 
     student = open_scorer(cfg, cfg.student, ctx.inputs["student"])
     student_scores = student.score_groups(prompts, [[a, b] for a, b in zip(policy, base)])
     student.close()
     agree = [student_agrees(s, Verdict(0, 1, 0.0) if m[0] > m[1] else Verdict(1, 0, 0.0))
-             for s, m in zip(student_scores, main["scores"]) if m[0] != m[1]]
+             for s, m in zip(student_scores, main_scores) if m[0] != m[1]]
 
-    metrics = {k: v for k, v in main.items() if k != "scores"}
-    metrics.update(policy=f"pi_{t + 1}", judge=spec.name, judge_is_teacher=not cfg.evaluate.judge,
-                   student_agreement=statistics.fmean(agree) if agree else None,
-                   agreement_pairs=len(agree), control=None if ctrl is None else
-                   {k: v for k, v in ctrl.items() if k in ("n", "win", "tie", "loss", "win_rate", "ci_low", "ci_high")},
+    metrics = {k: v for k, v in main.items() if k != "outcomes"}
+    judge_is_teacher = same_model(spec, cfg.teacher)
+    metrics.update(policy=f"pi_{t + 1}", judge=spec.name, judge_is_teacher=judge_is_teacher,
+                   student_agreement=statistics.fmean(agree) if agree else None, agreement_pairs=len(agree),
                    mean_length={"policy": statistics.fmean(map(len, policy)), "base": statistics.fmean(map(len, base))},
                    empty_answers={"policy": sum(not a.strip() for a in policy), "base": sum(not a.strip() for a in base)})
+    if ctrl:
+        checks = control_checks(ctrl["outcomes"], [len(a) for a in control], [len(b) for b in base],
+                                ctrl_picks.get("first_position_picks"), ctrl_picks.get("calls"), e.confidence, e.seed)
+        metrics["control"] = {**{k: v for k, v in ctrl.items() if k != "outcomes"}, **checks}
+    else:
+        metrics["control"] = None
     rows = [{"prompt_id": p["prompt_id"], "policy": a, "base": b, "judge": m, "student": s}
-            for p, a, b, m, s in zip(held_out, policy, base, main["scores"], student_scores)]
+            for p, a, b, m, s in zip(held_out, policy, base, main_scores, student_scores)]
     outputs = {"metrics": atomic_write_json(out_dir / "metrics.json", metrics),
                "judgements": atomic_write_jsonl(out_dir / "judgements.jsonl", rows)}
     outputs["plot"] = progress_plot(experiment_dir(cfg), metrics, t, out_dir / "progress.png")
     tracker.log({f"evaluate/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-    ctrl_txt = f"; control (pi_0 vs pi_0) {ctrl['win_rate']:.2f}" if ctrl else ""
-    print(f"[evaluate] pi_{t + 1} vs pi_0 on {metrics['n']} held-out prompts, judged by {spec.name}: win {metrics['win']} / tie "
-          f"{metrics['tie']} / loss {metrics['loss']}, win rate {metrics['win_rate']:.2f} "
-          f"[{metrics['ci_low']:.2f}, {metrics['ci_high']:.2f}]{ctrl_txt}; student agreement "
-          f"{metrics['student_agreement'] if metrics['student_agreement'] is None else round(metrics['student_agreement'], 2)}")
-    counts = {k: metrics[k] for k in ("n", "win", "tie", "loss", "win_rate", "ci_low", "ci_high", "student_agreement",
-                                      "reward_delta", "policy_reward", "base_reward")}
+    tracker.table("evaluate/answers_sample", [
+        {"prompt": p["messages"][-1]["content"], f"pi_{t + 1}": a, "pi_0": b, "judge_policy": m[0], "judge_base": m[1]}
+        for p, a, b, m in list(zip(held_out, policy, base, main_scores))[:20]])
+    print(summary_line(metrics, t))
+    counts = {k: metrics[k] for k in ("n", "win", "tie", "loss", "win_rate", "ci_low", "ci_high", "lc_win_rate",
+                                      "lc_ci_low", "lc_ci_high", "student_agreement", "reward_delta", "policy_reward",
+                                      "base_reward", "judge_is_teacher")}
+    counts["reward_delta_ci"] = metrics["reward_delta_ci"]
+    counts["control_win_rate"] = ctrl["win_rate"] if ctrl else None
+    counts["control_passed"] = metrics["control"]["passed"] if ctrl else None
     return StageResult(counts, outputs, {"plot": str(ctx.directory.parent / "evaluate" / "progress.png")})
+
+
+def summary_line(m: dict, t: int) -> str:
+    def ci(lo: float, hi: float) -> str:
+        return f"[{lo:.2f}, {hi:.2f}]"
+
+    text = (f"[evaluate] pi_{t + 1} vs pi_0 on {m['n']} held-out prompts, judged by {m['judge']}: win {m['win']} / tie "
+            f"{m['tie']} / loss {m['loss']}, win rate {m['win_rate']:.2f} {ci(m['ci_low'], m['ci_high'])}, "
+            f"length-controlled {m['lc_win_rate']:.2f} {ci(m['lc_ci_low'], m['lc_ci_high'])}, reward difference "
+            f"{m['reward_delta']:+.4f} {ci(*m['reward_delta_ci'])}")
+    c = m["control"]
+    if c:
+        failed = [name for name, check in c["checks"].items() if not check["passed"]]
+        text += (f"; control (pi_0 vs pi_0) {c['win_rate']:.2f} {ci(c['ci_low'], c['ci_high'])} "
+                 + ("passed" if c["passed"] else f"FAILED ({', '.join(failed)}: the judge is biased)"))
+    if m["student_agreement"] is not None:
+        text += f"; student agreement {m['student_agreement']:.2f}"
+    if m["judge_is_teacher"]:
+        text += ("\n[evaluate] the judge is the training teacher: this measures fit to the optimised reward, not "
+                 "quality; claim quality with an independent judge (evaluate.judge=<conf/teacher option>)")
+    return text
 
 
 STAGE = Stage("evaluate", plan, run)

@@ -22,6 +22,7 @@ from tsalign.artifacts import ConfigChanged, read_manifest, stage_dir
 from tsalign.choices import PIPELINE
 from tsalign.errors import TsalignError
 from tsalign.lineage import experiment_dir
+from tsalign.preflight import check_loop
 from tsalign.runner import stage_record
 
 _OWN_KEYS = ("stage", "iteration", "iterations", "experiment_dir", "experiment_name", "redo")
@@ -67,6 +68,7 @@ def status(cfg: DictConfig, stage: str, t: int) -> str:
 
 
 def run_loop(cfg: DictConfig, task_overrides: list[str] | None = None) -> None:
+    check_loop(cfg)  # K, base model paths and lengths, prompts: before the first stage starts
     overrides = child_overrides(task_overrides or [])
     hydra_dir = Path(cfg.experiment_dir) / "_hydra"
     for t in range(cfg.iteration, cfg.iteration + cfg.iterations):
@@ -85,6 +87,9 @@ def run_loop(cfg: DictConfig, task_overrides: list[str] | None = None) -> None:
                 raise TsalignError(f"iter_{t}/{stage} failed (exit {code}, its message is above); "
                                    "fix it and rerun the same command: finished stages are kept")
     print_summary(Path(cfg.experiment_dir), range(cfg.iteration + cfg.iterations))
+    from tsalign.report import report_after_run
+
+    report_after_run(Path(cfg.experiment_dir))
 
 
 def _get(manifest: dict | None, key: str):
@@ -102,6 +107,9 @@ def summary_rows(experiment: Path, iterations) -> list[dict]:
             "dpo_loss": _get(m["dpo"], "train_loss"),
             "win_rate": _get(m["evaluate"], "win_rate"),
             "ci": None if m["evaluate"] is None else (_get(m["evaluate"], "ci_low"), _get(m["evaluate"], "ci_high")),
+            "lc_win_rate": _get(m["evaluate"], "lc_win_rate"),
+            "control": _get(m["evaluate"], "control_win_rate"),
+            "judge_is_teacher": _get(m["evaluate"], "judge_is_teacher"),
             "wall_s": {s: (v or {}).get("wall_time_s") for s, v in m.items()},
         })
     return rows
@@ -119,7 +127,8 @@ def _fmt(v, digits: int = 3) -> str:
 
 def print_summary(experiment: Path, iterations) -> None:
     rows = summary_rows(experiment, iterations)
-    head = ["iter", "pairs", "teacher_calls", "agreement_rank", "agreement_distilled", "dpo_loss", "win_rate", "ci"]
+    head = ["iter", "pairs", "teacher_calls", "agreement_rank", "agreement_distilled", "dpo_loss", "win_rate", "ci",
+            "lc_win_rate", "control"]
     table = [head] + [[_fmt(r[h]) for h in head] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     print(f"\nTS-Align summary: {experiment}")
@@ -127,6 +136,9 @@ def print_summary(experiment: Path, iterations) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
     print("stage wall times (s): " + "; ".join(
         f"iter_{r['iter']}: " + ", ".join(f"{s} {_fmt(w, 1)}" for s, w in r["wall_s"].items()) for r in rows))
+    if any(r["judge_is_teacher"] for r in rows):
+        print("win rates are judged by the training teacher: fit to the optimised reward, not quality "
+              "(evaluate.judge=<conf/teacher option> for an independent judge)")
     plots = sorted(experiment.glob("iter_*/evaluate/progress.png"))
     if plots:
         print(f"plot: {plots[-1]}")

@@ -54,6 +54,9 @@ def plan(cfg: DictConfig) -> Plan:
     return Plan({**section(cfg, "student", "teacher", "rank", "seed"), "student_used": label}, inputs)
 
 
+SAMPLE_ROWS = 20  # pairs shown as a table in wandb
+
+
 def load_candidates(path: Path) -> list[dict]:
     rows = read_jsonl(path, "candidates file")
     for n, row in enumerate(rows, 1):
@@ -76,7 +79,7 @@ def run(ctx: StageContext) -> StageResult:
     student_dir = ctx.inputs.get("student") or base_model_dir(cfg, cfg.student)
     student_scores, student_stats = score_resumably(
         lambda: open_scorer(cfg, cfg.student, student_dir), ids, prompts, texts,
-        PartialRows(out_dir / "_work" / "student.partial.jsonl", "prompt_id", ctx.stamp))
+        PartialRows(out_dir / "_work" / "student.partial.jsonl", "prompt_id", ctx.stamp), f"student {student_label}")
     shortlists = [shortlist(t, s, strategy, cfg.rank.shortlist_m, rng) for t, s in zip(texts, student_scores)]
 
     teacher_scores: list[list[float]] = [[] for _ in rows]
@@ -86,7 +89,7 @@ def run(ctx: StageContext) -> StageResult:
         verdicts, teacher_stats = score_resumably(
             lambda: open_scorer(cfg, cfg.teacher, teacher_model_dir(cfg)), [ids[i] for i in asked],
             [prompts[i] for i in asked], [[texts[i][k] for k in shortlists[i]] for i in asked],
-            PartialRows(out_dir / "_work" / "teacher.partial.jsonl", "prompt_id", ctx.stamp))
+            PartialRows(out_dir / "_work" / "teacher.partial.jsonl", "prompt_id", ctx.stamp), f"teacher {cfg.teacher.name}")
         for i, v in zip(asked, verdicts):
             teacher_scores[i] = v
         if cfg.teacher.kind == ModelKind.judge:
@@ -142,6 +145,11 @@ def run(ctx: StageContext) -> StageResult:
                "pairs": atomic_write_jsonl(out_dir / "pairs.jsonl", pairs),
                "metrics": atomic_write_json(out_dir / "metrics.json", metrics)}
     ctx.tracker.log({f"rank/{k}": v for k, v in metrics.items()})
+    ctx.tracker.table("rank/pairs_sample", [
+        {"prompt": p["prompt"][-1]["content"], "chosen": p["chosen"][0]["content"],
+         "rejected": p["rejected"][0]["content"], "margin": p["margin"],
+         "student_chosen": student_scores[i][p["chosen_index"]], "student_rejected": student_scores[i][p["rejected_index"]]}
+        for i, p in [(ids.index(p["prompt_id"]), p) for p in pairs[:SAMPLE_ROWS]]])
     agree = metrics["student_teacher_agreement"]
     print(f"[rank] {len(pairs)} pairs from {len(rows)} prompts ({no_pair}), teacher calls {teacher_stats['calls']}"
           f" (student {student_stats['calls']}), agreement {'n/a' if agree is None else f'{agree:.2f}'}")
