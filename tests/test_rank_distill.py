@@ -277,6 +277,25 @@ def test_distill_writes_a_trained_one_output_student(ts):
     assert metrics["train"]["loss_first"] is not None
 
 
+def test_cut_answers_are_never_chosen_and_counted(ts):
+    """rank.cut_answers=rejected_only (the default outside tests): an answer cut at max_new_tokens may be
+    rejected but never chosen; every prompt ends in a pair or a counted reason."""
+    _, manifest = run(ts["outputs"], "rank", "experiment_name=cut", "rank.cut_answers=rejected_only",
+                      "rank.candidates_from=ts")
+    scores, pairs, metrics = rank_outputs(ts["outputs"] / "cut")
+    cut = {(r["prompt_id"], k) for r in ts["candidates"] for k, c in enumerate(r["candidates"])
+           if c["finish_reason"] == "length"}
+    assert metrics["candidates_cut"] == len(cut) > 0
+    assert metrics["pairs_chosen_cut"] == 0 and not any((p["prompt_id"], p["chosen_index"]) in cut for p in pairs)
+    assert metrics["pairs_rejected_cut"] == sum((p["prompt_id"], p["rejected_index"]) in cut for p in pairs)
+    assert metrics["pairs"] + sum(metrics["no_pair"].values()) == PROMPTS
+    all_cut = sum(all((r["prompt_id"], k) in cut for k in range(K)) for r in ts["candidates"])
+    assert metrics["no_pair"]["no_complete_answer"] == all_cut
+    _, kept_pairs, kept = rank_outputs(ts["exp"])  # the tiny preset keeps them (random models hardly ever stop)
+    assert kept["cut_answers"] == "keep"
+    assert kept["pairs_chosen_cut"] == sum((p["prompt_id"], p["chosen_index"]) in cut for p in kept_pairs) > 0
+
+
 def test_distill_fingerprints_the_teacher_fit_it_reads(ts, tmp_path):
     """distill reports the student on the human pairs the teacher's fit held out: a change to the
     teacher's fit must make a finished distill stale, not leave it 'done' with stale metrics."""

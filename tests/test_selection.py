@@ -161,3 +161,29 @@ def test_best_worst_agreement_is_zero_or_one_never_half_when_student_scores_diff
     disagree = decide(s, [0.0, 1.0])
     assert student_agrees(scores, agree) == 1.0
     assert student_agrees(scores, disagree) == 0.0
+
+
+# ---------------------------------------------------------------- answers cut at max_new_tokens
+
+
+def test_a_cut_answer_is_never_chosen_but_may_be_rejected():
+    texts = ["complete a", "cut b", "complete c", "cut d"]
+    student = [0.9, 0.95, 0.1, 0.0]
+    complete = [True, False, True, False]
+    # the student's best complete answer goes to the teacher, against its worst answer (cut or not)
+    assert shortlist(texts, student, "best_worst", complete=complete) == [0, 3]
+    assert shortlist(texts, student, "best_worst") == [1, 3]  # without the rule: the cut b
+    # the teacher prefers the complete one: a pair with the cut answer rejected
+    assert decide([0, 3], [0.9, 0.2], complete=complete) == Verdict(0, 3, pytest.approx(0.7))
+    # the teacher prefers the cut one: no pair (the complete one as chosen would contradict the teacher)
+    assert decide([0, 3], [0.2, 0.9], complete=complete) is None
+    # among three, the best complete answer is chosen against the worst
+    assert decide([1, 0, 2], [0.9, 0.5, 0.1], complete=complete) == Verdict(0, 2, pytest.approx(0.4))
+    # two cut answers: no pair, whatever the teacher says
+    assert decide([1, 3], [0.9, 0.1], complete=complete) is None
+    assert decide([1, 3], [0.9, 0.1]) == Verdict(1, 3, pytest.approx(0.8))
+
+
+def test_all_cut_shortlist_falls_back_to_the_plain_order():
+    texts = ["x", "y", "z"]
+    assert shortlist(texts, [0.2, 0.5, 0.1], "best_worst", complete=[False, False, False]) == [1, 2]

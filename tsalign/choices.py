@@ -67,6 +67,13 @@ class Selection(StrEnum):
     student_only = "student_only"  # no teacher: the student's best vs worst
 
 
+class CutAnswers(StrEnum):
+    """What rank does with candidates cut at sampler.max_new_tokens (finish_reason "length")."""
+
+    rejected_only = "rejected_only"  # never chosen (DPO would teach ending mid-sentence), may be rejected
+    keep = "keep"  # treated like complete answers
+
+
 class DistillSource(StrEnum):
     teacher = "teacher"  # this iteration's teacher pairs
     human = "human"  # human preference pairs (distill.human_data)

@@ -16,6 +16,7 @@ from omegaconf import MISSING
 
 from tsalign.choices import (
     PIPELINE,
+    CutAnswers,
     DataSource,
     Device,
     DistillSource,
@@ -133,6 +134,7 @@ class RankConfig:
     selection: Selection = Selection.best_worst  # which candidates the teacher sees
     shortlist_m: int = 1
     tie_threshold: float = 0.0  # teacher score gaps at or below this make no pair
+    cut_answers: CutAnswers = CutAnswers.rejected_only  # answers cut at max_new_tokens are never chosen
     # Rank another experiment's candidates (its name under paths.outputs, or its dir): baselines on the same K
     candidates_from: Optional[str] = None
 

@@ -25,15 +25,18 @@ def distinct_valid(texts: list[str]) -> list[int]:
 
 
 def shortlist(texts: list[str], student_scores: list[float], strategy: str = Selection.best_worst, m: int = 1,
-              rng: random.Random | None = None) -> list[int]:
-    """Candidate indices the teacher scores ([] = no pair possible). Ties in student score keep index order."""
+              rng: random.Random | None = None, complete: list[bool] | None = None) -> list[int]:
+    """Candidate indices the teacher scores ([] = no pair possible). Ties in student score keep index order.
+    With `complete` (False for an answer cut at max_new_tokens), best_worst's best is the student's best
+    complete answer, since a cut one could not be chosen anyway."""
     strategy = Selection(strategy)
     pool = distinct_valid(texts)
     if len(pool) < 2:
         return []
     ranked = sorted(pool, key=lambda i: (-student_scores[i], i))  # best first
     if strategy in (Selection.best_worst, Selection.student_only):
-        return [ranked[0], ranked[-1]]
+        best = next((i for i in ranked if complete is None or complete[i]), ranked[0])
+        return [best, next(i for i in reversed(ranked) if i != best)]
     if strategy is Selection.top_bottom:
         return ranked if 2 * m >= len(ranked) else ranked[:m] + ranked[-m:]
     if strategy is Selection.all:
@@ -48,12 +51,20 @@ class Verdict:
     margin: float
 
 
-def decide(candidates: list[int], judge_scores: list[float], tie_threshold: float = 0.0) -> Verdict | None:
-    """Best vs worst by the judge among the shortlisted `candidates`; None on a tie (gap <= threshold)."""
+def decide(candidates: list[int], judge_scores: list[float], tie_threshold: float = 0.0,
+           complete: list[bool] | None = None) -> Verdict | None:
+    """Best vs worst by the judge among the shortlisted `candidates`; None on a tie (gap <= threshold).
+    With `complete` (indexed like the candidates' texts), the chosen is the judge's best complete answer
+    and a cut one can only be rejected: None when no shortlisted answer is complete, or when the judge
+    prefers a cut answer to every complete one (training the complete one as chosen would contradict it)."""
     if len(candidates) < 2:
         return None
     order = sorted(range(len(candidates)), key=lambda k: (-judge_scores[k], k))
-    best, worst = order[0], order[-1]
+    eligible = [k for k in order if complete is None or complete[candidates[k]]]
+    if not eligible:
+        return None
+    best = eligible[0]
+    worst = order[-1] if order[-1] != best else order[-2]
     margin = judge_scores[best] - judge_scores[worst]
     if margin <= tie_threshold:
         return None

@@ -25,7 +25,7 @@ from tsalign.artifacts import (
     stage_dir,
     verify_output,
 )
-from tsalign.choices import ModelKind, Selection
+from tsalign.choices import CutAnswers, ModelKind, Selection
 from tsalign.engines import open_scorer, teacher_model_dir
 from tsalign.errors import TsalignError
 from tsalign.lineage import base_model_dir, finished_output, student_source
@@ -80,7 +80,10 @@ def run(ctx: StageContext) -> StageResult:
     student_scores, student_stats = score_resumably(
         lambda: open_scorer(cfg, cfg.student, student_dir), ids, prompts, texts,
         PartialRows(out_dir / "_work" / "student.partial.jsonl", "prompt_id", ctx.stamp), f"student {student_label}")
-    shortlists = [shortlist(t, s, strategy, cfg.rank.shortlist_m, rng) for t, s in zip(texts, student_scores)]
+    complete = [[c.get("finish_reason") != "length" for c in r["candidates"]]
+                if cfg.rank.cut_answers == CutAnswers.rejected_only else None for r in rows]
+    shortlists = [shortlist(t, s, strategy, cfg.rank.shortlist_m, rng, c)
+                  for t, s, c in zip(texts, student_scores, complete)]
 
     teacher_scores: list[list[float]] = [[] for _ in rows]
     teacher_stats: dict = {"calls": 0, "seconds": 0.0, "truncated": 0}
@@ -96,12 +99,17 @@ def run(ctx: StageContext) -> StageResult:
             picks = teacher_stats.pop("first_position_picks")
             teacher_stats["first_position_rate"] = picks / teacher_stats["calls"] if teacher_stats["calls"] else None
 
-    score_rows, pairs, no_pair, agreement = [], [], {"too_few_distinct": 0, "tie": 0}, []
+    score_rows, pairs, no_pair, agreement = [], [], {"too_few_distinct": 0, "tie": 0, "no_complete_answer": 0,
+                                                 "cut_preferred": 0}, []
     for i, row in enumerate(rows):
         judge = [student_scores[i][k] for k in shortlists[i]] if strategy is Selection.student_only else teacher_scores[i]
-        verdict = decide(shortlists[i], judge, cfg.rank.tie_threshold) if shortlists[i] else None
+        verdict = decide(shortlists[i], judge, cfg.rank.tie_threshold, complete[i]) if shortlists[i] else None
         if not shortlists[i]:
             no_pair["too_few_distinct"] += 1
+        elif verdict is None and complete[i] is not None and not any(complete[i][k] for k in shortlists[i]):
+            no_pair["no_complete_answer"] += 1
+        elif verdict is None and decide(shortlists[i], judge, cfg.rank.tie_threshold):
+            no_pair["cut_preferred"] += 1  # the judge's favourite was cut at max_new_tokens
         elif verdict is None:
             no_pair["tie"] += 1
         score_rows.append({"prompt_id": row["prompt_id"], "student_scores": student_scores[i],
@@ -119,11 +127,15 @@ def run(ctx: StageContext) -> StageResult:
             "margin": verdict.margin, "chosen_index": verdict.chosen, "rejected_index": verdict.rejected,
             "iteration": cfg.iteration, "selection": strategy, "judge": cfg.student.name
             if strategy is Selection.student_only else cfg.teacher.name, "student": student_label,
+            "rejected_cut": rows[i]["candidates"][verdict.rejected].get("finish_reason") == "length",
+            "chosen_cut": rows[i]["candidates"][verdict.chosen].get("finish_reason") == "length",
         })
 
     metrics = {
         "prompts": len(rows), "candidates": sum(len(t) for t in texts), "pairs": len(pairs),
-        "no_pair": no_pair, "selection": strategy,
+        "no_pair": no_pair, "selection": strategy, "cut_answers": cfg.rank.cut_answers,
+        "candidates_cut": sum(c.get("finish_reason") == "length" for r in rows for c in r["candidates"]),
+        "pairs_rejected_cut": sum(p["rejected_cut"] for p in pairs), "pairs_chosen_cut": sum(p["chosen_cut"] for p in pairs),
         "student_calls": student_stats["calls"], "teacher_calls": teacher_stats["calls"],
         "teacher_fraction_seen": (0 if strategy is Selection.student_only else sum(len(s) for s in shortlists))
         / max(sum(len(t) for t in texts), 1),
