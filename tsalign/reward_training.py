@@ -20,6 +20,7 @@ from tsalign.divergence import check_weights, diverged, divergence, largest_weig
 from tsalign.losses import bradley_terry_loss, pairwise_accuracy
 from tsalign.models import load_reward_model, load_tokenizer
 from tsalign.preference import pairs_longer_wins, response_text
+from tsalign.progress import progress
 from tsalign.scoring.reward_model import RewardModelScorer, collate, encode_pair_text
 
 log = logging.getLogger(__name__)
@@ -53,28 +54,30 @@ def train_reward_model(model_dir: Path, out_dir: Path, pairs: list[dict], *, epo
     torch.manual_seed(seed)
     model.train()
     losses, t0, step = [], time.time(), 0
-    for epoch in range(epochs):
-        order = list(range(len(encoded)))
-        random.Random(seed + epoch).shuffle(order)
-        for start in range(0, len(order), batch_size):
-            batch = [encoded[i] for i in order[start : start + batch_size]]
-            inputs = collate(tokenizer, [b[0] for b in batch] + [b[1] for b in batch], device)
-            rewards = model(**inputs).logits[:, 0]
-            margin = torch.tensor([b[2] for b in batch], device=device) if use_margin else None
-            loss = bradley_terry_loss(rewards[: len(batch)], rewards[len(batch) :], margin)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            values = {"loss": loss.item(), "grad_norm": grad_norm.item()}
-            reason = divergence(values, losses[0] if losses else values["loss"])
-            if reason:
-                raise diverged(what, f"at step {step + 1}/{total}", reason, lr_key, learning_rate)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-            step += 1
-            if on_step:
-                on_step(step, {"loss": losses[-1], "lr": schedule.get_last_lr()[0], "epoch": epoch})
+    with progress(total, what, "step") as bar:  # the one-time teacher fit takes minutes on CPU
+        for epoch in range(epochs):
+            order = list(range(len(encoded)))
+            random.Random(seed + epoch).shuffle(order)
+            for start in range(0, len(order), batch_size):
+                batch = [encoded[i] for i in order[start : start + batch_size]]
+                inputs = collate(tokenizer, [b[0] for b in batch] + [b[1] for b in batch], device)
+                rewards = model(**inputs).logits[:, 0]
+                margin = torch.tensor([b[2] for b in batch], device=device) if use_margin else None
+                loss = bradley_terry_loss(rewards[: len(batch)], rewards[len(batch) :], margin)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                values = {"loss": loss.item(), "grad_norm": grad_norm.item()}
+                reason = divergence(values, losses[0] if losses else values["loss"])
+                if reason:
+                    raise diverged(what, f"at step {step + 1}/{total}", reason, lr_key, learning_rate)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad()
+                losses.append(loss.item())
+                step += 1
+                bar.update(1, loss=round(losses[-1], 4))
+                if on_step:
+                    on_step(step, {"loss": losses[-1], "lr": schedule.get_last_lr()[0], "epoch": epoch})
     model.eval()
     check_weights(model, what, lr_key, learning_rate, largest_before)
     with atomic_dir(out_dir) as tmp:

@@ -29,6 +29,7 @@ from tsalign.artifacts import (
 )
 from tsalign.engines import open_sampler, open_scorer, sampling_params, teacher_model_dir, teacher_option
 from tsalign.lineage import base_model_dir, experiment_dir, finished_output, prompt_split
+from tsalign.progress import progress
 from tsalign.sampling.resumable import chunk_prompts, sample_rows
 from tsalign.selection import Verdict, student_agrees
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
@@ -73,11 +74,20 @@ def answers(cfg: DictConfig, model_dir: Path, prompts: list[dict], runs: list[tu
     return out
 
 
-def judge_pairs(prompts: list[list[dict]], a: list[str], b: list[str], judge) -> tuple[list[list[float]], dict]:
+JUDGE_CHUNK = 32  # pairs per judge call: progress for a slow judge
+
+
+def judge_pairs(prompts: list[list[dict]], a: list[str], b: list[str], judge,
+                desc: str = "judging") -> tuple[list[list[float]], dict]:
     """The judge's [score(a), score(b)] per prompt, and its single-order first-slot picks while judging
     (pairwise judges count them; reward models do not)."""
     before = dict(judge.stats)
-    scores = judge.score_groups(prompts, [[x, y] for x, y in zip(a, b)])
+    scores = []
+    with progress(len(prompts), desc, "pair") as bar:
+        for start in range(0, len(prompts), JUDGE_CHUNK):
+            end = start + JUDGE_CHUNK
+            scores += judge.score_groups(prompts[start:end], [[x, y] for x, y in zip(a[start:end], b[start:end])])
+            bar.update(len(prompts[start:end]))
     picks = {k: judge.stats.get(k, 0) - before.get(k, 0) for k in ("first_position_picks", "calls")}
     return scores, picks if "first_position_picks" in judge.stats else {}
 
@@ -163,8 +173,9 @@ def run(ctx: StageContext) -> StageResult:
     spec = judge_spec(cfg)
     judge = open_scorer(cfg, spec, teacher_model_dir(cfg, spec))
     try:
-        main_scores, _ = judge_pairs(prompts, policy, base, judge)
-        ctrl_scores, ctrl_picks = judge_pairs(prompts, control, base, judge) if control else (None, {})
+        main_scores, _ = judge_pairs(prompts, policy, base, judge, f"judging pi_{t + 1} vs pi_0")
+        ctrl_scores, ctrl_picks = (judge_pairs(prompts, control, base, judge, "judging the control") if control
+                                   else (None, {}))
     finally:
         judge.close()
     main = comparison(main_scores, policy, base, e.tie_threshold, e.confidence, e.seed)
