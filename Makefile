@@ -48,7 +48,7 @@ eval: setup
 	$(VENV)/bin/tsalign stage=loop experiment=eval128 sampler=$(SAMPLER)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs   # -rs: say which tests were skipped and why
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

@@ -110,6 +110,17 @@ def replace_dir(new: Path, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+def utf8_text(data: bytes, path: Path, first_line: int = 1) -> str:
+    """`data` (read from `path`, starting at `first_line`) as text; bytes that are not UTF-8 are a
+    one-line error naming the file and line."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + data[: e.start].count(b"\n")
+        raise TsalignError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8 "
+                           "(e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
 def read_jsonl(path: str | Path, what: str = "file") -> list[dict]:
     """Read a JSONL file; a malformed line is a one-line error naming the file and line."""
     path = Path(path)
@@ -118,11 +129,7 @@ def read_jsonl(path: str | Path, what: str = "file") -> list[dict]:
     rows = []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise TsalignError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as "
-                                   "UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+            line = utf8_text(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -251,6 +258,7 @@ class StageRun:
     redo: bool = False
     started: float = field(default_factory=time.time)
     work_dir: Path | None = None  # where the outputs are written: set by begin()
+    _fingerprints: dict | None = field(default=None, repr=False)
 
     @property
     def manifest_path(self) -> Path:
@@ -261,7 +269,11 @@ class StageRun:
         return self.directory.with_name(f".{self.directory.name}.redo")
 
     def input_fingerprints(self) -> dict[str, dict]:
-        return {name: {"path": str(p), "sha256": fingerprint(p)} for name, p in self.inputs.items()}
+        """Taken once per run: is_done, the resume stamp and the manifest share them (a prompt file
+        without a manifest would otherwise be hashed three times)."""
+        if self._fingerprints is None:
+            self._fingerprints = {name: {"path": str(p), "sha256": fingerprint(p)} for name, p in self.inputs.items()}
+        return self._fingerprints
 
     def stamp(self) -> dict:
         """What resumable partial work (_work/) is valid for: this config and these exact inputs."""

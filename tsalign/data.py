@@ -19,7 +19,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from tsalign.artifacts import atomic_write_bytes, read_jsonl
+from tsalign.artifacts import atomic_write_bytes, read_jsonl, utf8_text
 from tsalign.choices import DataSource, Schedule
 from tsalign.errors import TsalignError
 
@@ -112,7 +112,7 @@ def _read_rows(path: Path) -> list[dict]:
             raise TsalignError(f"{path}: not a readable Parquet file ({str(e).strip().splitlines()[0]})") from None
     if path.suffix == ".json":
         try:
-            data = json.loads(utf8_text(path))
+            data = json.loads(utf8_text(path.read_bytes(), path))
         except json.JSONDecodeError as e:
             raise TsalignError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
         if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
@@ -124,31 +124,16 @@ def _read_rows(path: Path) -> list[dict]:
     raise TsalignError(f"{path}: unsupported prompt file type '{path.suffix}'; use .json, .jsonl, .parquet or a datasets folder")
 
 
-def utf8_text(path: Path) -> str:
-    """A file's text; bytes that are not UTF-8 are a one-line error naming the file and line."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise TsalignError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8 "
-                           "(e.g. `iconv -f latin1 -t utf-8`)") from None
-
-
 def load_prompt_pool(source: str, cache_dir: str | Path, path: str | None = None, prompt_field: str = "instruction",
-                     input_field: str | None = "input", system_prompt: str | None = None) -> list[dict]:
-    """The prompt pool; empty prompts are skipped and counted (a file of nothing but empty prompts is an error)."""
+                     input_field: str | None = "input", system_prompt: str | None = None,
+                     with_skipped: bool = False) -> list[dict] | tuple[list[dict], int]:
+    """The prompt pool; empty prompts are skipped and counted (a file of nothing but empty prompts is an
+    error). with_skipped: (pool, how many were skipped)."""
     pool, empty = read_prompt_pool(source, cache_dir, path, prompt_field, input_field, system_prompt)
     if empty:
         print(f"[data] skipped {len(empty)} empty prompt(s) in {path or source} (rows {', '.join(map(str, empty[:10]))}"
               f"{' ...' if len(empty) > 10 else ''})")
-    return pool
-
-
-def empty_prompt_count(source: str, cache_dir: str | Path, path: str | None = None, prompt_field: str = "instruction",
-                       input_field: str | None = "input") -> int:
-    """How many prompts load_prompt_pool skips as empty (recorded in generate's manifest)."""
-    return len(read_prompt_pool(source, cache_dir, path, prompt_field, input_field)[1])
+    return (pool, len(empty)) if with_skipped else pool
 
 
 def read_prompt_pool(source: str, cache_dir: str | Path, path: str | None = None, prompt_field: str = "instruction",

@@ -10,6 +10,7 @@ changed or cut after its stage finished is an error naming the stage to redo, ne
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -55,13 +56,32 @@ def base_model_dir(cfg: DictConfig, spec: DictConfig) -> Path:
     return resolve_model_dir(spec.path, cfg.paths.cache, tiny=tiny, kind=spec.kind, seed=spec.seed)
 
 
+@functools.lru_cache(maxsize=4)
+def _read_pool(source: str, cache: str, path: str | None, prompt_field: str, input_field: str | None,
+               system_prompt: str | None, stamp: tuple) -> tuple[tuple[dict, ...], int]:
+    from tsalign.data import load_prompt_pool
+
+    pool, skipped = load_prompt_pool(source, cache, path, prompt_field, input_field, system_prompt, with_skipped=True)
+    return tuple(pool), skipped
+
+
+def prompt_pool(cfg: DictConfig) -> tuple[list[dict], int]:
+    """(every prompt of data.*, how many empty prompts were skipped). Read once per process: the
+    preflight checks, the stage and its counts share it (a changed file is read again)."""
+    d = cfg.data
+    file = Path(d.path).expanduser() if d.path else None
+    stamp = (file.stat().st_size, file.stat().st_mtime_ns) if file is not None and file.is_file() else ()
+    pool, skipped = _read_pool(str(d.source), str(cfg.paths.cache), d.path, d.prompt_field, d.input_field,
+                               d.system_prompt, stamp)
+    return list(pool), skipped
+
+
 def prompt_split(cfg: DictConfig) -> tuple[list[dict], list[dict]]:
     """(held-out evaluation prompts, training pool), deterministic in data.split_seed."""
-    from tsalign.data import load_prompt_pool, split_pool
+    from tsalign.data import split_pool
 
     d = cfg.data
-    pool = load_prompt_pool(d.source, cfg.paths.cache, d.path, d.prompt_field, d.input_field, d.system_prompt)
-    return split_pool(pool, d.eval_prompts, d.prompts_per_iteration, d.split_seed)
+    return split_pool(prompt_pool(cfg)[0], d.eval_prompts, d.prompts_per_iteration, d.split_seed)
 
 
 def training_prompts(cfg: DictConfig, iteration: int) -> list[dict]:

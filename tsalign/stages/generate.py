@@ -15,9 +15,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from tsalign.artifacts import PartialRows, atomic_write_jsonl
-from tsalign.data import empty_prompt_count
 from tsalign.engines import open_sampler, sampling_params
-from tsalign.lineage import base_model_dir, policy_source, training_prompts
+from tsalign.lineage import base_model_dir, policy_source, prompt_pool, training_prompts
 from tsalign.sampling.resumable import chunk_prompts, derived_seed, sample_rows
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
 
@@ -65,8 +64,7 @@ def run(ctx: StageContext) -> StageResult:
     out = atomic_write_jsonl(ctx.directory / "candidates.jsonl", rows)
 
     counts = candidate_counts(rows)
-    d = cfg.data
-    counts["empty_prompts_skipped"] = empty_prompt_count(d.source, cfg.paths.cache, d.path, d.prompt_field, d.input_field)
+    counts["empty_prompts_skipped"] = prompt_pool(cfg)[1]
     counts.update(model_load_s=round(load_s, 2), sample_s=round(sample_s, 2),
                   tokens_per_s=round(counts["generated_tokens"] / max(sample_s, 1e-9), 1))
     ctx.tracker.log({f"generate/{k}": v for k, v in counts.items()})
