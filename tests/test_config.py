@@ -13,7 +13,9 @@ from tsalign.config import STAGES
 
 CONF = Path(tsalign.cli.CONF_DIR)
 OPTIONS = sorted(
-    (p.parent.relative_to(CONF).as_posix(), p.stem) for p in CONF.rglob("*.yaml") if p.parent != CONF
+    (p.parent.relative_to(CONF).as_posix(), p.stem) for p in CONF.rglob("*.yaml")
+    if p.parent != CONF and p.parent.name != "accelerate"  # accelerate's own files (tests/test_multiprocess.py)
+    and p.parent.parent.name != "hydra"  # Hydra's own node, hydra/launcher presets (tests/test_scale_out.py)
 )
 EXTRA = {("data", "file"): ["data.path=prompts.jsonl"]}  # data=file has no default path (???)
 
@@ -123,7 +125,7 @@ def test_every_stage_has_a_yaml():
     ("sampler.backend=foo", "[hf, vllm]"),
     ("data.schedule=sometimes", "[fresh, reuse]"),
     ("device=tpu", "[auto, cpu, cuda]"),
-    ("data.source=hub", "[alpaca_eval, alpaca, file]"),
+    ("data.source=hub", "[alpaca_eval, alpaca, file, hf]"),
     ("rank.selection=best", "best_worst"),
     ("teacher.kind=oracle", "[causal_lm, reward_model, judge]"),
     ("dpo.reference=pi_7", "[previous, initial]"),

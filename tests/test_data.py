@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tsalign.data import iteration_shard, load_human_pairs, load_prompt_pool, split_pool
+from tsalign.data import iteration_shard, load_human_pairs, load_prompt_pool, split_pairs, split_pool, train_slice
 from tsalign.errors import TsalignError
 
 
@@ -240,3 +240,21 @@ def test_human_pairs_from_file(tmp_path, cache_dir):
     path.write_text(json.dumps({"prompt": "Say hi", "chosen": "Hi!"}) + "\n")
     with pytest.raises(TsalignError, match="prompt, chosen and rejected"):
         load_human_pairs(str(path), cache_dir)
+
+
+def test_train_ranges_split_the_fit_pairs_disjointly():
+    """The teacher's [0, 0.75) and the student's [0.75, 1) share nothing and cover every non-held-out pair."""
+    pairs = [{"prompt": f"q{i}"} for i in range(300)]
+    train, held_out = split_pairs(pairs, 30, seed=0)
+    teacher, student = train_slice(train, [0.0, 0.75]), train_slice(train, [0.75, 1.0])
+    assert (len(teacher), len(student), len(held_out)) == (202, 68, 30)
+    ids = lambda rows: {r["prompt"] for r in rows}  # noqa: E731
+    assert not ids(teacher) & ids(student) and not (ids(teacher) | ids(student)) & ids(held_out)
+    assert ids(teacher) | ids(student) | ids(held_out) == ids(pairs)
+    assert train_slice(train, [0.0, 1.0]) == train
+
+
+@pytest.mark.parametrize("bad", [[0.5, 0.5], [0.8, 0.2], [-0.1, 0.5], [0.0, 1.5]])
+def test_a_bad_train_range_is_one_line_naming_the_key(bad):
+    with pytest.raises(TsalignError, match=r"fit.train_range=.* must be two fractions"):
+        train_slice([{}] * 10, bad)

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 import tsalign.cli
 from tsalign.artifacts import ConfigChanged, read_jsonl, read_manifest, stage_dir
 from tsalign.config import FitSpec
-from tsalign.engines import teacher_model_dir
+from tsalign.engines import student_base_dir, teacher_model_dir
 from tsalign.errors import TsalignError
 from tsalign.lineage import base_model_dir
 from tsalign.runner import run_stage
@@ -410,7 +410,7 @@ def test_fitted_teacher_is_fitted_once_cached_and_reused(ts, tmp_path):
     cache, data = tmp_path / "cache", write_human_pairs(tmp_path / "human.jsonl")
     cfg = fit_config(ts, cache, data, "stage=rank", "experiment_name=fit", f"rank.candidates_from={ts['exp']}")
     run_stage(cfg, "rank")  # fits the teacher on first use
-    fitted = list((cache / "fitted").iterdir())
+    fitted = [p for p in (cache / "fitted").iterdir() if p.is_dir()]  # lock files sit beside
     assert len(fitted) == 1 and fitted[0].name.startswith(cfg.teacher.name)
     report = json.loads((fitted[0] / "fit_report.json").read_text())
     assert report["train"]["train_pairs"] == 8 and report["held_out"]["pairs"] == 2
@@ -420,7 +420,7 @@ def test_fitted_teacher_is_fitted_once_cached_and_reused(ts, tmp_path):
     again = fit_config(ts, cache, data, "stage=rank", "experiment_name=fit")
     assert teacher_model_dir(again) == fitted[0]  # same recipe, a fresh config: the cached fit
     assert {p.name: p.stat().st_mtime_ns for p in fitted[0].iterdir()} == stamps  # not retrained
-    assert len(list((cache / "fitted").iterdir())) == 1
+    assert len([p for p in (cache / "fitted").iterdir() if p.is_dir()]) == 1
 
     # distill then reports the student on the human pairs the teacher's fit held out, beside the teacher
     d_cfg = fit_config(ts, cache, data, "stage=distill", "experiment_name=fit")
@@ -433,7 +433,31 @@ def test_fitted_teacher_is_fitted_once_cached_and_reused(ts, tmp_path):
     other = fit_config(ts, cache, data, "stage=rank", "experiment_name=fit")
     other.teacher.fit.epochs = 2
     assert teacher_model_dir(other) != fitted[0]
-    assert len(list((cache / "fitted").iterdir())) == 2
+    assert len([p for p in (cache / "fitted").iterdir() if p.is_dir()]) == 2
+
+
+def test_student_0_is_fitted_on_its_own_share_of_the_human_pairs(ts, tmp_path, capsys):
+    """A student option with a fit recipe: rank at t = 0 scores with the fitted student (not the untrained
+    head), fitted on pairs disjoint from the teacher's; an overlapping range is pointed out before the run."""
+    cache, data = tmp_path / "cache", write_human_pairs(tmp_path / "human.jsonl")
+    cfg = fit_config(ts, cache, data, "stage=rank", "experiment_name=student_fit", f"rank.candidates_from={ts['exp']}")
+    cfg.teacher.fit.train_range = [0.0, 0.5]
+    cfg.student.fit = FitSpec(data=str(data), holdout=2, epochs=1, batch_size=4, max_length=64, train_range=[0.5, 1.0])
+    run_stage(cfg, "rank")
+    assert "overlaps" not in capsys.readouterr().out
+    reports = {p.name.split("-")[0]: json.loads((p / "fit_report.json").read_text()) for p in (cache / "fitted").iterdir() if p.is_dir()}
+    student = student_base_dir(cfg)
+    assert student.parent == cache / "fitted" and student.name.startswith(cfg.student.name)
+    assert {r["train"]["train_pairs"] for r in reports.values()} == {4}  # 8 pairs after 2 held out, halved
+    scores = read_jsonl(stage_dir(ts["outputs"] / "student_fit", 0, "rank") / "scores.jsonl", "scores")
+    untrained = read_jsonl(stage_dir(ts["exp"], 0, "rank") / "scores.jsonl", "scores")
+    assert [r["student_scores"] for r in scores] != [r["student_scores"] for r in untrained]
+
+    cfg.student.fit.train_range = [0.25, 1.0]
+    from tsalign.preflight import check_student
+
+    check_student(cfg, None, "student.max_length", cfg.student.max_length)
+    assert "student_0 learns pairs the teacher learned" in capsys.readouterr().out
 
 
 def test_fitted_teacher_cache_follows_the_data_content(ts, tmp_path):

@@ -6,7 +6,17 @@ import random
 
 import pytest
 
-from tsalign.selection import Verdict, decide, distinct_valid, shortlist, student_agrees
+from tsalign.selection import (
+    Verdict,
+    decide,
+    distinct_valid,
+    most_uncertain,
+    shortlist,
+    student_agrees,
+    student_margin,
+    teacher_calls,
+    within_budget,
+)
 
 # five distinct candidates; the student ranks them 3 > 0 > 4 > 1 > 2
 TEXTS = ["alpha", "bravo", "charlie", "delta", "echo"]
@@ -187,3 +197,38 @@ def test_a_cut_answer_is_never_chosen_but_may_be_rejected():
 def test_all_cut_shortlist_falls_back_to_the_plain_order():
     texts = ["x", "y", "z"]
     assert shortlist(texts, [0.2, 0.5, 0.1], "best_worst", complete=[False, False, False]) == [1, 2]
+
+
+# ---------------------------------------------------------------- spending the teacher (uncertain, budget)
+
+
+def test_uncertain_shortlists_the_same_extremes_as_best_worst():
+    assert shortlist(TEXTS, SCORES, "uncertain") == [3, 2]
+
+
+def test_student_margin_is_the_gap_across_the_shortlist():
+    assert student_margin(SCORES, [3, 2]) == 5.0
+    assert student_margin(SCORES, []) is None
+
+
+def test_most_uncertain_takes_the_smallest_margins_first():
+    margins = [0.9, None, 0.1, 0.5, 0.1]
+    assert most_uncertain(margins, 0.5) == [2, 4]  # ceil(0.5 * 4 prompts with a margin), ties by index
+    assert most_uncertain(margins, 0.6) == [2, 4, 3]
+    assert most_uncertain(margins, 1.0) == [2, 4, 3, 0]
+    assert most_uncertain(margins, 0.0) == []
+    with pytest.raises(ValueError):
+        most_uncertain(margins, 1.5)
+
+
+def test_teacher_calls_judge_asks_both_orders_reward_model_scores_each():
+    assert teacher_calls(2, pairwise=True) == 2 and teacher_calls(4, pairwise=True) == 12
+    assert teacher_calls(2, pairwise=False) == 2 and teacher_calls(4, pairwise=False) == 4
+
+
+def test_within_budget_spends_a_prefix_and_stops_at_the_first_that_does_not_fit():
+    costs = {0: 2, 1: 2, 2: 12, 3: 2}
+    assert within_budget(costs, [0, 1, 2, 3], None) == ([0, 1, 2, 3], [])
+    assert within_budget(costs, [0, 1, 2, 3], 5) == ([0, 1], [2, 3])  # 3 would fit, but the teacher stopped at 2
+    assert within_budget(costs, [3, 0], 4) == ([3, 0], [])
+    assert within_budget(costs, [0], 0) == ([], [0])

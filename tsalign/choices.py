@@ -52,6 +52,7 @@ class DataSource(StrEnum):
     alpaca_eval = "alpaca_eval"
     alpaca = "alpaca"
     file = "file"
+    hf = "hf"  # datasets.load_dataset: a hub id in the local HF cache, a local dataset folder, json/parquet/csv files
 
 
 class Schedule(StrEnum):
@@ -65,6 +66,23 @@ class Selection(StrEnum):
     all = "all"  # the teacher scores every candidate (teacher-only baseline)
     random_pair = "random_pair"  # two random candidates
     student_only = "student_only"  # no teacher: the student's best vs worst
+    # best_worst where the student is unsure (its best-worst margin among the smallest rank.uncertain_fraction);
+    # elsewhere the student's own best vs worst (rank.confident_pairs) or no pair
+    uncertain = "uncertain"
+
+
+class ServedApi(StrEnum):
+    """How a served teacher (teacher.served.base_url set) is asked, tsalign/served."""
+
+    chat = "chat"  # pairwise judge on an OpenAI-compatible /v1/chat/completions
+    classify = "classify"  # reward model on vLLM's /classify (server started with --runner pooling)
+    score = "score"  # cross-encoder reward model on vLLM's /score (prompt and response as a sentence pair)
+    openrlhf = "openrlhf"  # OpenRLHF's remote reward model: POST {"query": [texts]} -> {"rewards": [...]}
+
+
+class BudgetScope(StrEnum):
+    iteration = "iteration"  # rank.max_calls per iteration
+    experiment = "experiment"  # rank.max_calls over all iterations of the experiment (earlier ranks' calls count)
 
 
 class CutAnswers(StrEnum):

@@ -170,6 +170,52 @@ class OutputsWritable(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self.check(config, "sweep")
+        refuse_parallel_pipeline(config)
+
+
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+# swept keys left out of a job's experiment name that still give each job its own experiment root
+OWN_ROOT = ("experiment_name", "experiment_dir", "paths.outputs")
+# hydra/launcher options and the plugin each needs (all in the pip extra tsalign[launchers])
+LAUNCHER_PLUGINS = {"joblib": "hydra_joblib_launcher", "submitit_local": "hydra_submitit_launcher",
+                    "submitit_slurm": "hydra_submitit_launcher", "slurm": "hydra_submitit_launcher",
+                    "ray": "hydra_ray_launcher", "ray_aws": "hydra_ray_launcher"}
+
+
+def shared_sweep_keys(task_overrides: list[str], exclude_keys: list[str]) -> list[str]:
+    """Swept keys whose jobs share one experiment (stage, iteration: a pipeline multirun), whose jobs
+    depend on each other and so must run one after the other, in override order."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(task_overrides) if o.is_sweep_override()}
+    return sorted(k for k in swept if k in exclude_keys and k not in OWN_ROOT)
+
+
+def refuse_parallel_pipeline(config: DictConfig) -> None:
+    """A launcher that runs jobs at once (joblib, submitit, ray) would start rank before its generate."""
+    hc = config.hydra
+    if hc.launcher.get("_target_") == BASIC_LAUNCHER:
+        return
+    shared = shared_sweep_keys(list(hc.overrides.task), list(hc.job.config.override_dirname.exclude_keys))
+    if shared:
+        launcher = hc.runtime.choices.get("hydra/launcher") or hc.launcher.get("_target_")
+        fail(f"hydra/launcher={launcher} runs sweep jobs at the same time, but sweeping {', '.join(shared)} makes jobs "
+             "of one experiment that must run in order; drop hydra/launcher= for this multirun (the basic launcher "
+             "runs them in override order) or sweep stage=loop over keys that name experiments (seed=1,2)")
+
+
+def missing_launcher(argv: list[str]) -> str | None:
+    """The fix when argv picks a hydra/launcher whose plugin is not installed (else Hydra lists the
+    options it knows, without saying how to get the others)."""
+    import importlib.util
+
+    for arg in argv:
+        name = arg.split("=", 1)[1] if arg.startswith(("hydra/launcher=", "+hydra/launcher=")) else None
+        plugin = LAUNCHER_PLUGINS.get(name)
+        if plugin and importlib.util.find_spec(f"hydra_plugins.{plugin}") is None:
+            return (f"hydra/launcher={name} needs the {plugin.replace('_', '-')} plugin: `make setup LAUNCHERS=1` "
+                    "(or pip install 'tsalign[launchers]')")
+    return None
 
 
 def main() -> None:
@@ -177,6 +223,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     register_configs()
+    missing = missing_launcher(sys.argv[1:])
+    if missing:
+        fail(missing)
     _main()
 
 

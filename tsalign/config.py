@@ -16,6 +16,7 @@ from omegaconf import MISSING
 
 from tsalign.choices import (
     PIPELINE,
+    BudgetScope,
     CutAnswers,
     DataSource,
     Device,
@@ -28,6 +29,7 @@ from tsalign.choices import (
     SamplerBackend,
     Schedule,
     Selection,
+    ServedApi,
     Stage,
 )
 
@@ -40,7 +42,10 @@ class FitSpec:
     """How to fit a reward model on human preference pairs before first use (cached by content)."""
 
     data: Optional[str] = None  # human pairs: llamafactory_dpo | a local JSON/JSONL file; null = no fit
-    holdout: int = 30  # pairs held out to report accuracy
+    holdout: int = 30  # pairs held out to report accuracy (the same ones for every fit with this data and seed)
+    # which share of the other pairs (in their seeded order) this fit trains on: the teacher and the
+    # student take disjoint ranges of the same human pairs, so the student does not start as the teacher
+    train_range: List[float] = field(default_factory=lambda: [0.0, 1.0])
     epochs: int = 2
     batch_size: int = 8
     learning_rate: float = 5e-5
@@ -61,12 +66,36 @@ class VLLMOptions:
 
 
 @dataclass
+class ServedOptions:
+    """A teacher behind an HTTP server instead of in this process (tsalign/served): set base_url.
+    The teacher's identity (verdict ledger, manifests) is api + base_url + model + what shapes the answer."""
+
+    base_url: Optional[str] = None  # e.g. http://127.0.0.1:8000 (openrlhf: the full URL); null = local model
+    api: ServedApi = ServedApi.chat  # chat (judge) | classify | score | openrlhf (reward models)
+    model: Optional[str] = None  # the served model name (vLLM's --served-model-name); null = the server's default
+    api_key_env: Optional[str] = None  # the NAME of the env var holding the key (the key is never written anywhere)
+    temperature: float = 0.0
+    max_tokens: int = 1  # judge: 1 = the choice token's log-probabilities decide; more = a parsed answer
+    top_logprobs: int = 20  # judge: alternatives returned per token (the choices must be among them)
+    choice_token_ids: Optional[List[int]] = None  # vLLM judge: ids of judge_choices, sent as logprob_token_ids
+    # classify / openrlhf: the text of one (prompt, response); null (classify) = chat messages, server's template
+    input_template: Optional[str] = "{prompt}\n\n{response}"
+    concurrency: int = 8  # requests in flight
+    timeout_s: float = 120.0  # per request
+    retries: int = 5  # on 429 / 5xx / connection errors, with exponential backoff; then an error
+    backoff_s: float = 1.0  # first wait; doubled per retry (a 429's Retry-After is honoured)
+    price_in_per_1k: Optional[float] = None  # cost per 1k prompt tokens (reported when set)
+    price_out_per_1k: Optional[float] = None  # cost per 1k completion tokens
+
+
+@dataclass
 class ModelSpec:
     """One model: where it lives and what it is. Used for policy, teacher and student."""
 
     name: str = MISSING  # short label for logs and manifests
-    # HF folder, hub id (read from the local HF cache only), or pkg://<python package>/<file.gguf | folder>
-    path: str = MISSING
+    # HF folder, hub id (read from the local HF cache only), or pkg://<python package>/<file.gguf | folder>;
+    # null for a served teacher (served.base_url)
+    path: Optional[str] = MISSING
     kind: ModelKind = ModelKind.causal_lm  # per role: tsalign.choices.ROLE_KINDS
     # Config overrides that turn `path` into a small randomly initialised model with the real tokenizer.
     tiny: Optional[Dict[str, Any]] = None
@@ -79,6 +108,7 @@ class ModelSpec:
     judge_prompt: Optional[str] = None  # judges only: template with {prompt}, {response_a}, {response_b}
     judge_choices: List[str] = field(default_factory=lambda: ["A", "B"])
     vllm: VLLMOptions = field(default_factory=VLLMOptions)  # judges only: teacher.vllm.enabled=true
+    served: ServedOptions = field(default_factory=ServedOptions)  # teachers only: asked over HTTP
     max_length: int = 512  # tokens a scorer reads (prompt truncated from the left, response kept)
     batch_size: int = 16
 
@@ -103,8 +133,14 @@ class SamplerConfig:
 @dataclass
 class DataConfig:
     source: DataSource = DataSource.alpaca_eval
-    path: Optional[str] = None  # source=file: JSON / JSONL / Parquet file or a `datasets` folder
-    prompt_field: str = "instruction"  # source=file: a text field, or a list of chat messages
+    path: Optional[str] = None  # source=file: JSON / JSONL / Parquet file or a `datasets` folder; source=hf: dataset
+    prompt_field: str = "instruction"  # source=file|hf: a text field (column), or a list of chat messages
+    # source=hf only: datasets.load_dataset(path, name, split=split, data_files=data_files, streaming=streaming)
+    name: Optional[str] = None  # the dataset's configuration
+    split: str = "train"
+    data_files: Optional[str] = None  # with path=json|parquet|csv: a file or glob
+    streaming: bool = False  # iterate rows instead of preparing the whole set (large sets; with max_rows)
+    max_rows: Optional[int] = None  # read at most this many rows (the first ones)
     input_field: Optional[str] = "input"  # appended to the instruction when present (Alpaca style)
     system_prompt: Optional[str] = None
     eval_prompts: int = 32  # held-out shard, never trained on
@@ -137,6 +173,12 @@ class RankConfig:
     cut_answers: CutAnswers = CutAnswers.rejected_only  # answers cut at max_new_tokens are never chosen
     # Rank another experiment's candidates (its name under paths.outputs, or its dir): baselines on the same K
     candidates_from: Optional[str] = None
+    # teacher budget in calls (judge: comparisons, both orders; reward model: responses scored); prompts past
+    # it make no pair (counted). null = no budget
+    max_calls: Optional[int] = None
+    budget_scope: BudgetScope = BudgetScope.iteration  # experiment: earlier iterations' teacher calls count too
+    uncertain_fraction: float = 0.5  # selection=uncertain: share of prompts (smallest student margins) to the teacher
+    confident_pairs: bool = True  # selection=uncertain: the other prompts make the student's own pair
 
 
 @dataclass
@@ -190,6 +232,18 @@ class LoggerConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """How stage=loop starts the training stages (dpo, distill): in one process, or under `accelerate
+    launch` (DDP / DeepSpeed / FSDP) with this many processes. Single stages: run `accelerate launch`
+    yourself (README: Scaling out)."""
+
+    processes: int = 1
+    # an accelerate config file: a name under conf/accelerate/ (ddp, deepspeed_zero2, deepspeed_zero3,
+    # fsdp) or a path; null = plain DDP over `processes` (gloo on CPU, NCCL on GPUs)
+    accelerate_config: Optional[str] = None
+
+
+@dataclass
 class PathsConfig:
     outputs: str = "outputs"
     cache: str = MISSING  # converted models, fitted teachers, downloaded data packages
@@ -219,6 +273,7 @@ class TsalignConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
 def conf_dir() -> Path:

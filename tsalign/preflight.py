@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tsalign.artifacts import read_manifest
 from tsalign.choices import ModelKind, Reference, Selection
@@ -36,6 +36,9 @@ class ModelInfo:
 def base_model(cfg: DictConfig, key: str, spec: DictConfig | None = None) -> ModelInfo:
     """The base model of role `key` (policy / student / teacher), its path checked under its key."""
     spec = cfg[key] if spec is None else spec
+    if spec.path is None:
+        served = f" (or {key}.served.base_url for a teacher served over HTTP)" if key == "teacher" else ""
+        raise TsalignError(f"{key}.path is not set: a model folder, hub id or pkg:// path{served}")
     name = f"{key}.path={spec.path}"
     try:
         found = model_config(spec.path, cfg.paths.cache, dict(spec.tiny) if spec.tiny else None)
@@ -96,11 +99,37 @@ def check_reward_model(model: ModelInfo, key: str, spec: DictConfig) -> None:
 def check_student(cfg: DictConfig, trained: Path | None, length_key: str, length: int) -> None:
     model = model_at(cfg, "student", trained)
     check_reward_model(model, "student", cfg.student)
-    check_lengths(model, {length_key: length})
+    lengths = {length_key: length}
+    if trained is None and cfg.student.fit.data:  # student_0 is fitted on human pairs first
+        lengths["student.fit.max_length"] = cfg.student.fit.max_length
+        check_fit_ranges(cfg)
+    check_lengths(model, lengths)
+
+
+def check_fit_ranges(cfg: DictConfig) -> None:
+    """student_0's human pairs should be disjoint from the teacher's, or the student starts as a copy of it."""
+    from tsalign.data import train_slice
+
+    student, teacher = cfg.student.fit, cfg.teacher.fit
+    for key, fit in (("student", student), ("teacher", teacher)):
+        if fit.data:
+            try:
+                train_slice([], fit.train_range)
+            except TsalignError as e:
+                raise TsalignError(f"{key}.{e}") from None
+    same_pairs = teacher.data == student.data and (teacher.holdout, teacher.seed) == (student.holdout, student.seed)
+    (s0, s1), (t0, t1) = student.train_range, teacher.train_range
+    if same_pairs and s0 < t1 and t0 < s1:
+        print(f"[tsalign] note: student.fit.train_range={list(student.train_range)} overlaps "
+              f"teacher.fit.train_range={list(teacher.train_range)}: student_0 learns pairs the teacher learned")
 
 
 def check_teacher(cfg: DictConfig, spec: DictConfig | None = None, key: str = "teacher") -> None:
     spec = cfg.teacher if spec is None else spec
+    from tsalign.served import check_options, is_served
+
+    if is_served(spec):  # no local weights: check what will be sent, not a model folder
+        return check_options(spec.kind, OmegaConf.to_container(spec.served, resolve=True), spec.judge_prompt, key)
     model = base_model(cfg, key, spec)
     check_reward_model(model, "teacher", spec)
     lengths = {f"{key}.max_length": spec.max_length}
@@ -147,6 +176,10 @@ def rank(cfg: DictConfig) -> None:
         raise TsalignError(f"rank needs at least 2 candidates per prompt to make a pair, and {path} has K={k}: rerun "
                            f"`tsalign stage=generate iteration={cfg.iteration} generate.num_candidates=4 redo=true`")
     check_student(cfg, student_source(cfg, cfg.iteration)[0], "student.max_length", cfg.student.max_length)
+    if cfg.rank.max_calls is not None and cfg.rank.max_calls < 0:
+        raise TsalignError(f"rank.max_calls={cfg.rank.max_calls} must be >= 0 (null: no teacher budget)")
+    if not 0.0 <= cfg.rank.uncertain_fraction <= 1.0:
+        raise TsalignError(f"rank.uncertain_fraction={cfg.rank.uncertain_fraction} must be between 0 and 1")
     if cfg.rank.selection != Selection.student_only:
         check_teacher(cfg)
 

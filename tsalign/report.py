@@ -72,6 +72,8 @@ def summary_row(record: dict) -> dict:
         "agreement_rank": first_found(record, "rank", "student_teacher_agreement"),
         "agreement_distill": (distill.get("agreement_before"), distill.get("agreement_after")),
         "agreement_eval": ev.get("student_agreement"),
+        "student_human": (distill.get("human_accuracy_before"), distill.get("human_accuracy_after")),
+        "longer_wins": distill.get("human_longer_wins"),
         "teacher_calls": first_found(record, "rank", "teacher_calls"),
         "teacher_cost": first_found(record, "rank", "teacher_cost"),
         "dpo_loss": (dpo.get("first_loss"), dpo.get("last_loss")), "dpo_loss_mean": dpo.get("train_loss"),
@@ -145,7 +147,8 @@ def summary_table(rows: list[dict]) -> str:
     show_cost = any(r["teacher_cost"] is not None for r in rows)
     head = ["iteration", "policy", "pairs", "win rate vs pi_0 [95% CI]", *(["LC win rate"] if show_lc else []),
             "control (pi_0 vs pi_0)", "agreement at rank (student_t)", "distill held-out agreement",
-            "agreement after distill (student_t+1, eval pairs)", "teacher calls", *(["teacher cost"] if show_cost else []),
+            "agreement after distill (student_t+1, eval pairs)",
+            "student on held-out human pairs (longer answer wins)", "teacher calls", *(["teacher cost"] if show_cost else []),
             "DPO loss first -> last (mean)"]
     body = []
     for r in rows:
@@ -154,7 +157,8 @@ def summary_table(rows: list[dict]) -> str:
         body.append([num(r["iteration"]), esc(r["policy"]), num(r["pairs"]), win, *(lc if show_lc else []),
                      num(r["control_win_rate"]) + {True: " (passed)", False: " (<b>failed</b>)"}.get(r["control_passed"], ""),
                      num(r["agreement_rank"]), arrow(r["agreement_distill"]),
-                     num(r["agreement_eval"]), num(r["teacher_calls"]),
+                     num(r["agreement_eval"]), f"{arrow(r['student_human'])} ({num(r['longer_wins'])})",
+                     num(r["teacher_calls"]),
                      *([num(r["teacher_cost"])] if show_cost else []),
                      f"{arrow(r['dpo_loss'])} ({num(r['dpo_loss_mean'])})"])
     return table(head, body, "summary")

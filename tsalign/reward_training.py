@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from tsalign import distributed
 from tsalign.artifacts import atomic_dir, atomic_write_json, config_hash, fingerprint
 from tsalign.divergence import check_weights, diverged, divergence, largest_weight
+from tsalign.locks import cache_lock
 from tsalign.losses import bradley_terry_loss, pairwise_accuracy
 from tsalign.models import load_reward_model, load_tokenizer
 from tsalign.preference import pairs_longer_wins, response_text
@@ -29,11 +31,13 @@ log = logging.getLogger(__name__)
 def train_reward_model(model_dir: Path, out_dir: Path, pairs: list[dict], *, epochs: int = 1, batch_size: int = 8,
                        learning_rate: float = 2e-5, max_length: int = 256, seed: int = 0, use_margin: bool = False,
                        device: str = "cpu", on_step=None, init_seed: int | None = None,
-                       lr_key: str = "learning_rate", what: str = "reward model training") -> dict:
+                       lr_key: str = "learning_rate", what: str = "reward model training",
+                       data_parallel: bool = False) -> dict:
     """Fine-tune the reward model in `model_dir` on `pairs` and save it to `out_dir` (atomically).
     `init_seed` seeds a new reward head (default: `seed`); `seed` the shuffles and dropout. A diverging
     run (tsalign.divergence) stops with an error naming `lr_key`, the config key of `learning_rate`,
-    and saves nothing."""
+    and saves nothing. With `data_parallel` under `accelerate launch`, each process takes a slice of every
+    batch and DDP averages the gradients: the same steps as one process with the same batch_size."""
     tokenizer = load_tokenizer(model_dir)
     model = load_reward_model(model_dir, device=device, seed=seed if init_seed is None else init_seed)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -49,6 +53,8 @@ def train_reward_model(model_dir: Path, out_dir: Path, pairs: list[dict], *, epo
         encoded.append((c, r, float(p.get("margin", 0.0) or 0.0)))
     steps_per_epoch = (len(encoded) + batch_size - 1) // batch_size
     total = max(steps_per_epoch * epochs, 1)
+    parallel = data_parallel and distributed.launched()
+    net = data_parallel_model(model, device) if parallel else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total))
     torch.manual_seed(seed)
@@ -60,33 +66,52 @@ def train_reward_model(model_dir: Path, out_dir: Path, pairs: list[dict], *, epo
             random.Random(seed + epoch).shuffle(order)
             for start in range(0, len(order), batch_size):
                 batch = [encoded[i] for i in order[start : start + batch_size]]
+                batch, weight = process_share(batch) if parallel else (batch, 1.0)
                 inputs = collate(tokenizer, [b[0] for b in batch] + [b[1] for b in batch], device)
-                rewards = model(**inputs).logits[:, 0]
+                rewards = net(**inputs).logits[:, 0]
                 margin = torch.tensor([b[2] for b in batch], device=device) if use_margin else None
                 loss = bradley_terry_loss(rewards[: len(batch)], rewards[len(batch) :], margin)
-                loss.backward()
+                (loss * weight * (distributed.world_size() if parallel else 1)).backward()  # DDP divides by it
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                values = {"loss": loss.item(), "grad_norm": grad_norm.item()}
+                batch_loss = distributed.mean_over_processes(loss.item(), weight) if parallel else loss.item()
+                values = {"loss": batch_loss, "grad_norm": grad_norm.item()}  # the same on every process
                 reason = divergence(values, losses[0] if losses else values["loss"])
                 if reason:
                     raise diverged(what, f"at step {step + 1}/{total}", reason, lr_key, learning_rate)
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad()
-                losses.append(loss.item())
+                losses.append(batch_loss)
                 step += 1
                 bar.update(1, loss=round(losses[-1], 4))
                 if on_step:
                     on_step(step, {"loss": losses[-1], "lr": schedule.get_last_lr()[0], "epoch": epoch})
     model.eval()
     check_weights(model, what, lr_key, learning_rate, largest_before)
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    if not parallel or distributed.is_main():  # replicas are identical: one process writes
+        with atomic_dir(out_dir) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     last = losses[-steps_per_epoch:] if losses else []
     return {"train_pairs": len(encoded), "dropped_identical": identical, "truncated_pairs": truncated,
             "steps": step, "loss_first": losses[0] if losses else None, "loss_last_epoch": sum(last) / len(last)
             if last else None, "train_s": round(time.time() - t0, 1)}
+
+
+def process_share(batch: list) -> tuple[list, float]:
+    """This process's slice of a global batch, and its share of the batch's pairs (the loss weight).
+    A process left without a pair (a last batch smaller than the world) runs one pair at weight 0, since
+    DDP needs every process in every backward pass."""
+    mine = batch[distributed.rank() :: distributed.world_size()]
+    return (mine, len(mine) / len(batch)) if mine else (batch[:1], 0.0)
+
+
+def data_parallel_model(model, device: str):
+    """The model in torch DDP over accelerate's process group (gloo on CPU, NCCL on GPUs)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    distributed.state()
+    return DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
 
 
 def pair_accuracy(model_dir: Path, pairs: list[dict], max_length: int = 256, device: str = "cpu",
@@ -101,27 +126,31 @@ def pair_accuracy(model_dir: Path, pairs: list[dict], max_length: int = 256, dev
 
 
 def fitted_reward_model(base_dir: Path, fit: dict, cache_dir: Path, name: str, device: str = "cpu",
-                        head_seed: int = 0) -> Path:
-    """A reward model fitted once on human pairs (e.g. the CPU teacher); cached by its recipe."""
-    from tsalign.data import load_human_pairs, split_pairs
+                        head_seed: int = 0, role: str = "teacher") -> Path:
+    """A reward model fitted once on human pairs (the CPU teacher, and student_0); cached by its recipe."""
+    from tsalign.data import load_human_pairs, split_pairs, train_slice
 
     data = Path(str(fit["data"])).expanduser()
     key = [str(base_dir), fit, head_seed] + ([fingerprint(data)] if data.is_file() else [])  # a local file: its content
     out = Path(cache_dir) / "fitted" / f"{name}-{config_hash(key)}"
     if (out / "fit_report.json").is_file():
         return out
-    train, held_out = split_pairs(load_human_pairs(fit["data"], cache_dir), fit["holdout"], fit["seed"])
-    log.info("fitting %s on %d human pairs (once; cached in %s)", name, len(train), out)
-    print(f"[tsalign] fitting reward model '{name}' on {len(train)} human pairs (once, cached in {out})")
-    report = {"recipe": fit, "base": str(base_dir)}
-    report["before"] = pair_accuracy(base_dir, held_out, fit["max_length"], device, head_seed)
-    report["train"] = train_reward_model(base_dir, out, train, epochs=fit["epochs"], batch_size=fit["batch_size"],
-                                         learning_rate=fit["learning_rate"], max_length=fit["max_length"],
-                                         seed=head_seed, device=device, lr_key="teacher.fit.learning_rate",
-                                         what=f"the fit of teacher '{name}'")
-    report["held_out"] = pair_accuracy(out, held_out, fit["max_length"], device)
-    atomic_write_json(out / "fit_report.json", report)  # last: marks the fit complete
-    print(f"[tsalign] {name}: held-out accuracy {report['before']['accuracy']:.2f} -> "
-          f"{report['held_out']['accuracy']:.2f} on {len(held_out)} human pairs "
-          f"(longer-answer-wins: {report['held_out']['longer_wins']:.2f})")
+    with cache_lock(out, f"the fit of {role} '{name}'"):  # sweep jobs on an empty cache: one fits, the others wait
+        if (out / "fit_report.json").is_file():  # fitted by another process meanwhile
+            return out
+        train, held_out = split_pairs(load_human_pairs(fit["data"], cache_dir), fit["holdout"], fit["seed"])
+        train = train_slice(train, fit.get("train_range", (0.0, 1.0)))
+        log.info("fitting %s on %d human pairs (once; cached in %s)", name, len(train), out)
+        print(f"[tsalign] fitting reward model '{name}' on {len(train)} human pairs (once, cached in {out})")
+        report = {"recipe": fit, "base": str(base_dir)}
+        report["before"] = pair_accuracy(base_dir, held_out, fit["max_length"], device, head_seed)
+        report["train"] = train_reward_model(base_dir, out, train, epochs=fit["epochs"], batch_size=fit["batch_size"],
+                                             learning_rate=fit["learning_rate"], max_length=fit["max_length"],
+                                             seed=head_seed, device=device, lr_key=f"{role}.fit.learning_rate",
+                                             what=f"the fit of {role} '{name}'")
+        report["held_out"] = pair_accuracy(out, held_out, fit["max_length"], device)
+        atomic_write_json(out / "fit_report.json", report)  # last: marks the fit complete
+        print(f"[tsalign] {name}: held-out accuracy {report['before']['accuracy']:.2f} -> "
+              f"{report['held_out']['accuracy']:.2f} on {len(held_out)} human pairs "
+              f"(longer-answer-wins: {report['held_out']['longer_wins']:.2f})")
     return out

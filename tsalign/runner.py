@@ -14,12 +14,14 @@ import time
 
 from omegaconf import DictConfig, OmegaConf
 
+from tsalign import distributed
 from tsalign.artifacts import StageRun, read_manifest, stage_dir, stage_lock
+from tsalign.errors import TsalignError
 from tsalign.lineage import experiment_dir
 from tsalign.preflight import check_stage
 from tsalign.stages import distill, dpo, evaluate, generate, rank
 from tsalign.stages.contract import Plan, Stage, StageContext
-from tsalign.tracking import start_tracker
+from tsalign.tracking import Tracker, start_tracker
 
 REGISTRY: dict[str, Stage] = {s.name: s for s in (generate.STAGE, rank.STAGE, distill.STAGE, dpo.STAGE, evaluate.STAGE)}
 
@@ -35,27 +37,40 @@ def stage_record(cfg: DictConfig, name: str) -> tuple[Stage, Plan, StageRun]:
 
 
 def run_stage(cfg: DictConfig, name: str) -> dict:
-    """Skip if done; else run the stage, write its manifest last, and track it. Returns the manifest."""
+    """Skip if done; else run the stage, write its manifest last, and track it. Returns the manifest.
+    Under `accelerate launch` (tsalign.distributed) every process runs the stage and the main one
+    alone holds the lock, writes the manifest and the tracker run."""
     stage, plan, run = stage_record(cfg, name)
-    with stage_lock(run.directory):
-        if run.is_done():
+    if distributed.launched() and name not in distributed.MULTI_PROCESS_STAGES:
+        raise TsalignError(f"stage={name} runs in one process; launch only "
+                           f"{' / '.join(distributed.MULTI_PROCESS_STAGES)} with accelerate (vLLM has its own "
+                           "parallelism: sampler.tensor_parallel_size)")
+    main = distributed.is_main()
+    with stage_lock(run.directory) if main else contextlib.nullcontext():
+        if distributed.from_main(run.is_done() if main else None):
             print(f"[tsalign] iter_{cfg.iteration}/{name}: done already (manifest matches), skipped")
             return read_manifest(run.directory)
         check_stage(cfg, name)  # before anything is written or loaded: a bad path or length is one line
         tracker = start_tracker(cfg.logger.backend, cfg.logger.project, cfg.experiment_name, name, cfg.iteration,
                                 OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-                                experiment_dir(cfg) / "wandb", cfg.logger.mode, cfg.logger.entity)
+                                experiment_dir(cfg) / "wandb", cfg.logger.mode, cfg.logger.entity) \
+            if main else Tracker()
         t0 = time.time()
         try:
-            work = run.begin()
+            work = distributed.from_main(run.begin() if main else None)
             ctx = StageContext(cfg=cfg, iteration=cfg.iteration, directory=work, plan=plan, stamp=run.stamp(),
                                tracker=tracker)
             result = stage.run(ctx)
-            manifest = run.finish(result.counts, result.outputs, result.extra)
-            tracker.summary(result.counts)
+            distributed.barrier()  # every process has finished writing its share of the outputs
+            if main:
+                manifest = run.finish(result.counts, result.outputs, result.extra)
+                tracker.summary(result.counts)
         finally:
             with contextlib.suppress(Exception):  # tracking trouble never costs finished work
                 tracker.finish()
+    distributed.barrier()  # the manifest is written before any process reads it
+    if not main:
+        return read_manifest(run.directory)
     print(f"[tsalign] iter_{cfg.iteration}/{name}: finished in {time.time() - t0:.1f}s -> {run.directory}")
     if name == "evaluate":  # the report reads finished stages: after the manifest is written
         from tsalign.report import report_after_run

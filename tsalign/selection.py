@@ -7,6 +7,7 @@ chosen vs rejected, with the teacher's score gap as the margin. Cost: the teache
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ def shortlist(texts: list[str], student_scores: list[float], strategy: str = Sel
     if len(pool) < 2:
         return []
     ranked = sorted(pool, key=lambda i: (-student_scores[i], i))  # best first
-    if strategy in (Selection.best_worst, Selection.student_only):
+    if strategy in (Selection.best_worst, Selection.student_only, Selection.uncertain):
         best = next((i for i in ranked if complete is None or complete[i]), ranked[0])
         return [best, next(i for i in reversed(ranked) if i != best)]
     if strategy is Selection.top_bottom:
@@ -75,3 +76,43 @@ def student_agrees(student_scores: list[float], verdict: Verdict) -> float:
     """1 if the student orders the pair as the teacher did, 0 if reversed, 0.5 on a student tie."""
     c, r = student_scores[verdict.chosen], student_scores[verdict.rejected]
     return 1.0 if c > r else 0.5 if c == r else 0.0
+
+
+# ---------------------------------------------------------------- spending the teacher
+
+
+def student_margin(student_scores: list[float], candidates: list[int]) -> float | None:
+    """The student's score gap across a shortlist (best - worst); None when there is no pair to ask about."""
+    if len(candidates) < 2:
+        return None
+    values = [student_scores[k] for k in candidates]
+    return max(values) - min(values)
+
+
+def most_uncertain(margins: list[float | None], fraction: float) -> list[int]:
+    """Prompts where the student is least sure: the ceil(fraction * n) smallest margins of the n prompts
+    that have one, smallest first (ties by index). A small margin is where the student's order is most
+    likely wrong, so the teacher's verdict is worth most there."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction={fraction} must be in [0, 1]")
+    ranked = sorted((m, i) for i, m in enumerate(margins) if m is not None)
+    return [i for _, i in ranked[: math.ceil(fraction * len(ranked) - 1e-9)]]
+
+
+def teacher_calls(n_candidates: int, pairwise: bool) -> int:
+    """Calls the teacher makes on a shortlist: a pairwise judge asks each pair in both orders, a reward
+    model scores each candidate once."""
+    return n_candidates * (n_candidates - 1) if pairwise else n_candidates
+
+
+def within_budget(costs: dict[int, int], order: list[int], budget: int | None) -> tuple[list[int], list[int]]:
+    """(prompts the teacher is asked on, prompts past the budget), taken in `order`. Stops at the first
+    prompt that does not fit: the budget is spent on a prefix, as if the teacher were stopped there."""
+    if budget is None:
+        return list(order), []
+    spent = 0
+    for n, i in enumerate(order):
+        if spent + costs[i] > budget:
+            return list(order[:n]), list(order[n:])
+        spent += costs[i]
+    return list(order), []

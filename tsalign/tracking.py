@@ -33,23 +33,32 @@ class WandbTracker(Tracker):
     report_to = ["wandb"]  # TRL trainers log into the active run
 
     def __init__(self, project: str, group: str, name: str, config: dict, directory: Path, mode: str | None,
-                 entity: str | None = None):
+                 entity: str | None = None, iteration: int = 0):
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
         directory.mkdir(parents=True, exist_ok=True)
         self._wandb = wandb
+        self.iteration, self._on_iteration_axis = iteration, set()
         mode = wandb_mode(mode)
+        stage = name.split("/")[-1]
         try:
-            self.run = wandb.init(project=project, entity=entity, group=group, name=name,
-                                  job_type=name.split("/")[-1], config=config, dir=str(directory), mode=mode,
+            self.run = wandb.init(project=project, entity=entity, group=group, name=name, job_type=stage,
+                                  tags=[stage, f"iter_{iteration}"], config=config, dir=str(directory), mode=mode,
                                   reinit="finish_previous")
+            self.run.define_metric("iteration")
         except Exception as e:  # noqa: BLE001 -- wandb's UsageError, CommError, ValidationError ...: one line
             raise TsalignError(wandb_failure(e, mode)) from None
 
     def log(self, metrics: dict, step: int | None = None) -> None:
+        """Every row carries the iteration. A stage's end-of-stage metrics (no step) are plotted against it,
+        so a run group's dashboard draws each metric across iterations; step-wise ones keep their step."""
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        self.run.log(flat, step=step)
+        if step is None:
+            for key in flat.keys() - self._on_iteration_axis:
+                self.run.define_metric(key, step_metric="iteration")
+            self._on_iteration_axis |= flat.keys()
+        self.run.log({**flat, "iteration": self.iteration}, step=step)
 
     def table(self, name: str, rows: list[dict]) -> None:
         if rows:
@@ -93,8 +102,19 @@ def check_tracker(backend: str, mode: str | None) -> None:
         wandb_mode(mode)
 
 
+def run_identity(experiment: str, job_dir: Path, stage: str, iteration: int) -> tuple[str, str]:
+    """(group, name) of a stage's wandb run. The group is the job's experiment: `<experiment>`, or in a
+    sweep `<experiment>/<job>` (outputs/<experiment>/seed=1), so each sweep job's runs group apart; the
+    name starts with the group, so names are unique across jobs too."""
+    group = f"{experiment}/{job_dir.name}" if job_dir.parent.name == experiment else experiment
+    return group, f"{group}/iter_{iteration}/{stage}"
+
+
 def start_tracker(backend: str, project: str, experiment: str, stage: str, iteration: int, config: dict,
                   experiment_dir: Path, mode: str | None = None, entity: str | None = None) -> Tracker:
+    """experiment_dir: where wandb writes, `<the job's experiment dir>/wandb`."""
     if LoggerBackend(backend) is LoggerBackend.none:
         return Tracker()
-    return WandbTracker(project, experiment, f"iter_{iteration}/{stage}", config, Path(experiment_dir), mode, entity)
+    directory = Path(experiment_dir)
+    group, name = run_identity(experiment, directory.parent, stage, iteration)
+    return WandbTracker(project, group, name, config, directory, mode, entity, iteration)

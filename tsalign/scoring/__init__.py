@@ -9,11 +9,20 @@ from tsalign.errors import TsalignError
 from tsalign.scoring.base import Scorer
 
 
-def make_scorer(kind: str, model_dir: Path, device: str = "cpu", dtype: str = "float32", batch_size: int = 16,
+def make_scorer(kind: str, model_dir: Path | None, device: str = "cpu", dtype: str = "float32", batch_size: int = 16,
                 max_length: int = 512, seed: int = 0, judge_prompt: str | None = None,
-                judge_choices: tuple[str, str] = ("A", "B"), vllm_options: dict | None = None) -> Scorer:
-    """A scorer over the HF folder `model_dir`: kind reward_model or judge (vllm_options: judge on vLLM)."""
+                judge_choices: tuple[str, str] = ("A", "B"), vllm_options: dict | None = None,
+                served: dict | None = None, ledger_dir: Path | None = None) -> Scorer:
+    """A scorer over the HF folder `model_dir`: kind reward_model or judge (vllm_options: judge on vLLM);
+    with `served` (a teacher.served node with base_url), the teacher over HTTP instead, its answers kept
+    in a verdict ledger under `ledger_dir` (tsalign/served)."""
     kind = ModelKind(kind)
+    if served and served.get("base_url"):
+        from tsalign.served import make_served_scorer
+
+        if ledger_dir is None:
+            raise TsalignError("a served teacher needs a ledger_dir (paths.cache) to keep its answers in")
+        return make_served_scorer(kind, served, ledger_dir, judge_prompt, judge_choices, max_length, batch_size)
     if kind is ModelKind.reward_model:
         from tsalign.scoring.reward_model import RewardModelScorer
 

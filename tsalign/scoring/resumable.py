@@ -10,7 +10,9 @@ from tsalign.progress import progress
 from tsalign.scoring.base import Scorer
 
 SCORE_CHUNK = 64  # prompts per scorer call
-STATS = ("calls", "seconds", "truncated", "first_position_picks")
+# the last ones are a served teacher's (tsalign/served): HTTP requests, ledger hits, garbage answers, tokens, cost
+STATS = ("calls", "seconds", "truncated", "first_position_picks", "requests", "cached", "garbage", "retries",
+         "tokens_in", "tokens_out", "cost")
 
 
 def score_resumably(open_scorer: Callable[[], Scorer], ids: list[str], prompts: list, groups: list[list[str]],
@@ -33,7 +35,7 @@ def score_resumably(open_scorer: Callable[[], Scorer], ids: list[str], prompts: 
         finally:
             scorer.close()
     done = [partial.rows[pid] for pid in ids]
-    stats = {k: sum(r[k] for r in done) for k in STATS}
+    stats = {k: sum(r.get(k, 0) for r in done) for k in STATS}
     stats["calls"] = round(stats["calls"])
     stats["truncated"] = round(stats["truncated"])
     return [r["scores"] for r in done], stats

@@ -15,12 +15,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from tsalign import distributed
 from tsalign.artifacts import atomic_write_json, read_jsonl
 from tsalign.choices import DistillSource, Replay
 from tsalign.data import load_human_pairs, split_pairs
-from tsalign.engines import teacher_model_dir
+from tsalign.engines import student_base_dir, teacher_model_dir
 from tsalign.errors import TsalignError
-from tsalign.lineage import base_model_dir, finished_output, student_source
+from tsalign.lineage import finished_output, student_source
 from tsalign.models import pick_device
 from tsalign.reward_training import pair_accuracy, train_reward_model
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
@@ -74,7 +75,7 @@ def run(ctx: StageContext) -> StageResult:
         raise TsalignError(f"no pairs to distill at iteration {cfg.iteration}: rank mined none; "
                            "raise generate.num_candidates or data.prompts_per_iteration")
 
-    student_dir = ctx.inputs.get("student") or base_model_dir(cfg, cfg.student)
+    student_dir = ctx.inputs.get("student") or student_base_dir(cfg)
     human = human_eval_pairs(cfg) if reports_teacher_holdout(cfg) else []
 
     def accuracy(model_dir: Path, pairs: list[dict]) -> dict | None:
@@ -89,7 +90,7 @@ def run(ctx: StageContext) -> StageResult:
                                      learning_rate=d.learning_rate, max_length=d.max_length,
                                      seed=cfg.seed + cfg.iteration, init_seed=cfg.student.seed,
                                      use_margin=d.use_margin, device=device, on_step=log_step,
-                                     lr_key="distill.learning_rate", what="distill")
+                                     lr_key="distill.learning_rate", what="distill", data_parallel=True)
     after, human_after = accuracy(out, held_out), accuracy(out, human)
 
     metrics = {"source": d.source, "train_pairs": len(train), "replayed_pairs": replayed, "held_out_pairs": len(held_out),
@@ -98,18 +99,23 @@ def run(ctx: StageContext) -> StageResult:
     if human:
         report = json.loads((teacher_model_dir(cfg) / "fit_report.json").read_text())
         metrics["human_held_out"]["teacher"] = report["held_out"]
-    metrics_path = atomic_write_json(out_dir / "metrics.json", metrics)
+    metrics_path = out_dir / "metrics.json"
+    if distributed.is_main():
+        atomic_write_json(metrics_path, metrics)
     def rounded(result: dict | None) -> float | None:
         return None if result is None else round(result["accuracy"], 4)
 
     counts = {"train_pairs": len(train), "held_out_pairs": len(held_out), "steps": train_stats["steps"],
               "agreement_before": rounded(before), "agreement_after": rounded(after),
-              "human_accuracy_before": rounded(human_before), "human_accuracy_after": rounded(human_after)}
+              "human_accuracy_before": rounded(human_before), "human_accuracy_after": rounded(human_after),
+              "human_longer_wins": None if human_before is None else round(human_before["longer_wins"], 4),
+              "human_pairs": len(human)}
     tracker.log({f"distill/{k}": v for k, v in counts.items() if v is not None})
     print(f"[distill] {len(train)} pairs ({replayed} replayed), {train_stats['steps']} steps; held-out "
           f"{'teacher agreement' if d.source == DistillSource.teacher else 'human accuracy'} "
           f"{counts['agreement_before']} -> {counts['agreement_after']} on {len(held_out)} pairs"
-          + (f"; human held-out {counts['human_accuracy_before']} -> {counts['human_accuracy_after']}" if human else ""))
+          + (f"; human held-out {counts['human_accuracy_before']} -> {counts['human_accuracy_after']} on "
+             f"{len(human)} pairs (longer answer wins: {counts['human_longer_wins']})" if human else ""))
     return StageResult(counts, {"student": out, "metrics": metrics_path}, {"student_from": str(student_dir)})
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from tsalign.artifacts import atomic_dir, atomic_write_text, config_hash, read_jsonl
+from tsalign import distributed
+from tsalign.artifacts import atomic_dir, atomic_write_text, config_hash, read_jsonl, replace_dir
 from tsalign.choices import Reference
 from tsalign.divergence import check_weights, diverged, divergence, largest_weight
 from tsalign.errors import TsalignError
@@ -59,7 +60,7 @@ def training_args(cfg: DictConfig, output_dir: Path, device: str, report_to: lis
     from trl import DPOConfig
 
     d, o = cfg.dpo, cfg.optimizer
-    gpu = device == "cuda"
+    gpu = device.startswith("cuda")
     if not 0 <= o.warmup_ratio < 1:
         raise TsalignError(f"optimizer.warmup_ratio={o.warmup_ratio} must be in [0, 1)")
     return DPOConfig(
@@ -175,6 +176,27 @@ def log_stats(history: list[dict]) -> dict:
             "reward_accuracy_mean": mean("rewards/accuracies"), "reward_margin_mean": mean("rewards/margins")}
 
 
+def save_policy(trainer, tokenizer, path: Path, cfg: DictConfig, use_cache: bool, largest_before: float) -> None:
+    """pi_{t+1} as a plain HF checkpoint (LoRA merged), written once. Sharded weights (DeepSpeed ZeRO-3,
+    FSDP) are gathered by Trainer.save_model, which every process must call; the main process writes."""
+    sharded = getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False)
+    if sharded and not cfg.dpo.lora:
+        staging = path.with_name(f".{path.name}.sharded.tmp")  # the same name on every process
+        trainer.save_model(str(staging))
+        distributed.barrier()
+        if distributed.is_main():
+            tokenizer.save_pretrained(staging)
+            replace_dir(staging, path)
+        return
+    trained = trainer.model.merge_and_unload() if cfg.dpo.lora else trainer.model
+    trained.config.use_cache = use_cache
+    check_weights(trained, "DPO", "optimizer.learning_rate", cfg.optimizer.learning_rate, largest_before)
+    if distributed.is_main():  # DDP replicas are identical: one writes
+        with atomic_dir(path) as tmp:
+            trained.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+
 def run(ctx: StageContext) -> StageResult:
     from datasets import Dataset
 
@@ -204,7 +226,8 @@ def run(ctx: StageContext) -> StageResult:
     ref_model = load_causal_lm(ref_dir, cfg.policy.dtype, device) if ref_dir else None  # None: TRL uses pi_t
     load_s = time.time() - t0
 
-    resume = fresh_checkpoints(ckpt_dir, config_hash(ctx.stamp))
+    # the main process clears stale checkpoints; every process resumes from the same one
+    resume = distributed.from_main(fresh_checkpoints(ckpt_dir, config_hash(ctx.stamp)) if distributed.is_main() else None)
     resumed_step = 0
     if resume:
         resumed_step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
@@ -215,12 +238,7 @@ def run(ctx: StageContext) -> StageResult:
     result = trainer.train(resume_from_checkpoint=resume)
     train_s = time.time() - t1
 
-    trained = trainer.model.merge_and_unload() if cfg.dpo.lora else trainer.model
-    trained.config.use_cache = use_cache
-    check_weights(trained, "DPO", "optimizer.learning_rate", cfg.optimizer.learning_rate, largest_before)
-    with atomic_dir(out_dir / "policy") as tmp:
-        trained.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    save_policy(trainer, tokenizer, out_dir / "policy", cfg, use_cache, largest_before)
 
     steps = trainer.state.global_step
     stats = log_stats(trainer.state.log_history)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -28,10 +29,13 @@ from tsalign.artifacts import (
     read_manifest,
 )
 from tsalign.engines import open_sampler, open_scorer, sampling_params, teacher_model_dir, teacher_option
+from tsalign.errors import TsalignError
 from tsalign.lineage import base_model_dir, experiment_dir, finished_output, prompt_split
+from tsalign.locks import cache_lock
 from tsalign.progress import progress
 from tsalign.sampling.resumable import chunk_prompts, sample_rows
 from tsalign.selection import Verdict, student_agrees
+from tsalign.served import cost_line, cost_report, is_served
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
 from tsalign.stats import (
     bootstrap_interval,
@@ -63,10 +67,12 @@ def answers(cfg: DictConfig, model_dir: Path, prompts: list[dict], runs: list[tu
     try:
         for seed, cache in runs:
             params = sampling_params(cfg, 1, seed)
-            partial = PartialRows(cache, "prompt_id", {"model": model, "params": params.as_dict()})
-            if not all(p["prompt_id"] in partial for p in prompts):
-                sampler = sampler or open_sampler(cfg, model_dir, seed)
-                sample_rows(sampler, prompts, params, partial, model_dir.name, chunk_prompts(cfg.sampler.batch_size, 1))
+            with cache_lock(cache, "evaluation answers"):  # pi_0's cache is shared: one writer, the others reuse
+                partial = PartialRows(cache, "prompt_id", {"model": model, "params": params.as_dict()})
+                if not all(p["prompt_id"] in partial for p in prompts):
+                    sampler = sampler or open_sampler(cfg, model_dir, seed)
+                    sample_rows(sampler, prompts, params, partial, model_dir.name,
+                                chunk_prompts(cfg.sampler.batch_size, 1))
             out.append([partial.rows[p["prompt_id"]]["candidates"][0]["text"] for p in prompts])
     finally:
         if sampler is not None:
@@ -151,7 +157,17 @@ def same_model(a: DictConfig, b: DictConfig) -> bool:
     """Whether two model options name the same scorer (what it is, not how it is batched)."""
     keys = ("path", "kind", "tiny", "seed", "fit", "judge_prompt", "judge_choices")
     plain_a, plain_b = (OmegaConf.to_container(spec, resolve=True) for spec in (a, b))
-    return all(plain_a[k] == plain_b[k] for k in keys)
+
+    def served(plain: dict) -> tuple:  # a served model is named by its server and served name
+        return tuple((plain.get("served") or {}).get(k) for k in ("base_url", "api", "model"))
+
+    return all(plain_a[k] == plain_b[k] for k in keys) and served(plain_a) == served(plain_b)
+
+
+def with_verdict(scores: list[list[float]], *columns: list) -> tuple[list, ...]:
+    """The rows the judge gave a verdict on (a served judge's garbage answer gives NaN: no verdict)."""
+    keep = [n for n, s in enumerate(scores) if all(map(math.isfinite, s))]
+    return tuple([column[n] for n in keep] for column in (scores, *columns))
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -178,28 +194,40 @@ def run(ctx: StageContext) -> StageResult:
                                    else (None, {}))
     finally:
         judge.close()
-    main = comparison(main_scores, policy, base, e.tie_threshold, e.confidence, e.seed)
-    ctrl = comparison(ctrl_scores, control, base, e.tie_threshold, e.confidence, e.seed) if control else None
+    served = cost_report(judge.stats, spec.served) if is_served(spec) else None
+    judged = with_verdict(main_scores, policy, base)
+    if not judged[0]:
+        raise TsalignError(f"the judge {spec.name} gave no verdict on any of {len(main_scores)} pairs (garbage answers:"
+                           f" {getattr(judge, 'garbage_examples', [])[:2]}); check its judge_prompt and judge_choices")
+    main = comparison(*judged, e.tie_threshold, e.confidence, e.seed)
+    ctrl_judged = with_verdict(ctrl_scores, control, base) if control else None
+    ctrl = comparison(*ctrl_judged, e.tie_threshold, e.confidence, e.seed) if control and ctrl_judged[0] else None
 
     student = open_scorer(cfg, cfg.student, ctx.inputs["student"])
     student_scores = student.score_groups(prompts, [[a, b] for a, b in zip(policy, base)])
     student.close()
     agree = [student_agrees(s, Verdict(0, 1, 0.0) if m[0] > m[1] else Verdict(1, 0, 0.0))
-             for s, m in zip(student_scores, main_scores) if m[0] != m[1]]
+             for s, m in zip(student_scores, main_scores) if m[0] != m[1] and all(map(math.isfinite, m))]
 
     metrics = {k: v for k, v in main.items() if k != "outcomes"}
     judge_is_teacher = same_model(spec, cfg.teacher)
     metrics.update(policy=f"pi_{t + 1}", judge=spec.name, judge_is_teacher=judge_is_teacher,
                    student_agreement=statistics.fmean(agree) if agree else None, agreement_pairs=len(agree),
                    mean_length={"policy": statistics.fmean(map(len, policy)), "base": statistics.fmean(map(len, base))},
-                   empty_answers={"policy": sum(not a.strip() for a in policy), "base": sum(not a.strip() for a in base)})
+                   empty_answers={"policy": sum(not a.strip() for a in policy), "base": sum(not a.strip() for a in base)},
+                   no_verdict={"main": len(main_scores) - len(judged[0]),
+                               "control": len(ctrl_scores) - len(ctrl_judged[0]) if control else 0})
+    if served:
+        metrics["served"] = served
+        print(f"[evaluate] {cost_line(served)}")
     if ctrl:
-        checks = control_checks(ctrl["outcomes"], [len(a) for a in control], [len(b) for b in base],
+        checks = control_checks(ctrl["outcomes"], [len(a) for a in ctrl_judged[1]], [len(b) for b in ctrl_judged[2]],
                                 ctrl_picks.get("first_position_picks"), ctrl_picks.get("calls"), e.confidence, e.seed)
         metrics["control"] = {**{k: v for k, v in ctrl.items() if k != "outcomes"}, **checks}
     else:
         metrics["control"] = None
-    rows = [{"prompt_id": p["prompt_id"], "policy": a, "base": b, "judge": m, "student": s}
+    rows = [{"prompt_id": p["prompt_id"], "policy": a, "base": b, "judge": m if all(map(math.isfinite, m)) else None,
+             "student": s}
             for p, a, b, m, s in zip(held_out, policy, base, main_scores, student_scores)]
     outputs = {"metrics": atomic_write_json(out_dir / "metrics.json", metrics),
                "judgements": atomic_write_jsonl(out_dir / "judgements.jsonl", rows)}

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from tsalign.artifacts import ConfigChanged, read_manifest, stage_dir
 from tsalign.choices import PIPELINE
+from tsalign.distributed import MULTI_PROCESS_STAGES
 from tsalign.errors import TsalignError
 from tsalign.lineage import experiment_dir
 from tsalign.preflight import check_loop
@@ -67,6 +68,31 @@ def status(cfg: DictConfig, stage: str, t: int) -> str:
         raise
 
 
+def accelerate_config_file(name: str) -> Path:
+    """conf/accelerate/<name>.yaml, or a path to an accelerate config file."""
+    from tsalign.config import conf_dir
+
+    shipped = conf_dir() / "accelerate" / f"{name}.yaml"
+    path = shipped if shipped.is_file() else Path(name).expanduser()
+    if not path.is_file():
+        options = ", ".join(sorted(p.stem for p in shipped.parent.glob("*.yaml")))
+        raise TsalignError(f"launch.accelerate_config={name}: no such file; use one of {options} or a path")
+    return path
+
+
+def stage_launcher(cfg: DictConfig, stage: str) -> list[str]:
+    """The command that starts a stage: `python -m tsalign.cli`, or under `accelerate launch` for the
+    training stages when launch.processes > 1 or an accelerate config is named."""
+    plain = [sys.executable, "-m", "tsalign.cli"]
+    launch = cfg.launch
+    if stage not in MULTI_PROCESS_STAGES or (launch.processes <= 1 and not launch.accelerate_config):
+        return plain
+    config = ["--config_file", str(accelerate_config_file(launch.accelerate_config))] if launch.accelerate_config \
+        else ["--multi_gpu"]  # torchrun-style processes; on a CPU machine they train over gloo
+    processes = ["--num_processes", str(launch.processes)] if launch.processes > 1 else []
+    return [sys.executable, "-m", "accelerate.commands.launch", *config, *processes, *plain[1:]]
+
+
 def run_loop(cfg: DictConfig, task_overrides: list[str] | None = None) -> None:
     check_loop(cfg)  # K, base model paths and lengths, prompts: before the first stage starts
     overrides = child_overrides(task_overrides or [])
@@ -78,7 +104,7 @@ def run_loop(cfg: DictConfig, task_overrides: list[str] | None = None) -> None:
                 print(f"[loop] iter_{t}/{stage}: done, skipped")
                 continue
             redo = ["redo=true"] if state == "changed" else []
-            cmd = [sys.executable, "-m", "tsalign.cli", *overrides, *redo, f"stage={stage}", f"iteration={t}",
+            cmd = [*stage_launcher(cfg, stage), *overrides, *redo, f"stage={stage}", f"iteration={t}",
                    f"experiment_dir={quoted(cfg.experiment_dir)}", f"experiment_name={quoted(cfg.experiment_name)}",
                    f"hydra.run.dir={quoted(f'{hydra_dir}/iter_{t}_{stage}')}"]
             print(f"[loop] iter_{t}/{stage}: starting", flush=True)
@@ -104,6 +130,8 @@ def summary_rows(experiment: Path, iterations) -> list[dict]:
             "iter": t, "pairs": _get(m["rank"], "pairs"), "teacher_calls": _get(m["rank"], "teacher_calls"),
             "agreement_rank": _get(m["rank"], "student_teacher_agreement"),
             "agreement_distilled": _get(m["evaluate"], "student_agreement"),
+            "student_human": _get(m["distill"], "human_accuracy_after"),
+            "longer_wins": _get(m["distill"], "human_longer_wins"),
             "dpo_loss": _get(m["dpo"], "train_loss"),
             "win_rate": _get(m["evaluate"], "win_rate"),
             "ci": None if m["evaluate"] is None else (_get(m["evaluate"], "ci_low"), _get(m["evaluate"], "ci_high")),
@@ -127,7 +155,8 @@ def _fmt(v, digits: int = 3) -> str:
 
 def print_summary(experiment: Path, iterations) -> None:
     rows = summary_rows(experiment, iterations)
-    head = ["iter", "pairs", "teacher_calls", "agreement_rank", "agreement_distilled", "dpo_loss", "win_rate", "ci",
+    head = ["iter", "pairs", "teacher_calls", "agreement_rank", "agreement_distilled", "student_human", "longer_wins",
+            "dpo_loss", "win_rate", "ci",
             "lc_win_rate", "control"]
     table = [head] + [[_fmt(r[h]) for h in head] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]

@@ -10,8 +10,10 @@ conversational preference format + margin and provenance) and metrics.json.
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -25,13 +27,22 @@ from tsalign.artifacts import (
     stage_dir,
     verify_output,
 )
-from tsalign.choices import CutAnswers, ModelKind, Selection
-from tsalign.engines import open_scorer, teacher_model_dir
+from tsalign.choices import BudgetScope, CutAnswers, ModelKind, Selection
+from tsalign.engines import open_scorer, student_base_dir, teacher_model_dir
 from tsalign.errors import TsalignError
-from tsalign.lineage import base_model_dir, finished_output, student_source
+from tsalign.lineage import experiment_dir, finished_output, student_source
 from tsalign.preference import pairs_longer_wins
 from tsalign.scoring.resumable import score_resumably
-from tsalign.selection import decide, shortlist, student_agrees
+from tsalign.selection import (
+    decide,
+    most_uncertain,
+    shortlist,
+    student_agrees,
+    student_margin,
+    teacher_calls,
+    within_budget,
+)
+from tsalign.served import cost_line, cost_report, is_served
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
 from tsalign.stats import describe
 
@@ -57,6 +68,55 @@ def plan(cfg: DictConfig) -> Plan:
 SAMPLE_ROWS = 20  # pairs shown as a table in wandb
 
 
+@dataclass
+class TeacherPlan:
+    """Who decides each prompt with a shortlist: the teacher (`asked`, in the order it is asked), the
+    student's own order (`by_student`), or nobody (`skipped`: prompt -> the no_pair reason)."""
+
+    asked: list[int] = field(default_factory=list)
+    by_student: set[int] = field(default_factory=set)
+    skipped: dict[int, str] = field(default_factory=dict)
+    budget: dict | None = None
+
+
+def calls_before(cfg: DictConfig) -> int:
+    """Teacher calls of this experiment's finished ranks at earlier iterations (budget_scope=experiment)."""
+    manifests = (read_manifest(stage_dir(experiment_dir(cfg), s, "rank")) for s in range(cfg.iteration))
+    return sum((m or {}).get("counts", {}).get("teacher_calls") or 0 for m in manifests)
+
+
+def teacher_plan(cfg: DictConfig, strategy: Selection, student_scores: list[list[float]],
+                 shortlists: list[list[int]]) -> TeacherPlan:
+    """Which prompts the teacher is asked about: all shortlists (best_worst...), the least sure ones first
+    (uncertain), none (student_only); then only as many as rank.max_calls pays for."""
+    candidates = [i for i, s in enumerate(shortlists) if s]
+    if strategy is Selection.student_only:
+        return TeacherPlan(by_student=set(candidates))
+    plan, order = TeacherPlan(), candidates
+    if strategy is Selection.uncertain:
+        order = most_uncertain([student_margin(s, k) for s, k in zip(student_scores, shortlists)],
+                               cfg.rank.uncertain_fraction)
+        confident = sorted(set(candidates) - set(order))
+        if cfg.rank.confident_pairs:
+            plan.by_student = set(confident)
+        else:
+            plan.skipped.update((i, "student_confident") for i in confident)
+    r = cfg.rank
+    costs = {i: teacher_calls(len(shortlists[i]), cfg.teacher.kind == ModelKind.judge) for i in order}
+    spent = calls_before(cfg) if r.max_calls is not None and r.budget_scope == BudgetScope.experiment else 0
+    available = None if r.max_calls is None else max(r.max_calls - spent, 0)
+    plan.asked, over = within_budget(costs, order, available)
+    plan.skipped.update((i, "over_budget") for i in over)
+    if r.max_calls is not None:
+        plan.budget = {"max_calls": r.max_calls, "scope": r.budget_scope, "spent_before": spent,
+                       "available": available, "planned": sum(costs[i] for i in plan.asked),
+                       "prompts_over_budget": len(over)}
+        if over:
+            print(f"[rank] teacher budget: rank.max_calls={r.max_calls} ({r.budget_scope}, {spent} spent before) "
+                  f"pays for {len(plan.asked)} of {len(order)} prompts; the other {len(over)} make no pair")
+    return plan
+
+
 def load_candidates(path: Path) -> list[dict]:
     rows = read_jsonl(path, "candidates file")
     for n, row in enumerate(rows, 1):
@@ -76,7 +136,7 @@ def run(ctx: StageContext) -> StageResult:
     texts = [[c["text"] for c in r["candidates"]] for r in rows]
     strategy, rng = Selection(cfg.rank.selection), random.Random(cfg.seed + cfg.iteration)
     student_label = ctx.plan.config["student_used"]
-    student_dir = ctx.inputs.get("student") or base_model_dir(cfg, cfg.student)
+    student_dir = ctx.inputs.get("student") or student_base_dir(cfg)
     student_scores, student_stats = score_resumably(
         lambda: open_scorer(cfg, cfg.student, student_dir), ids, prompts, texts,
         PartialRows(out_dir / "_work" / "student.partial.jsonl", "prompt_id", ctx.stamp), f"student {student_label}")
@@ -87,8 +147,9 @@ def run(ctx: StageContext) -> StageResult:
 
     teacher_scores: list[list[float]] = [[] for _ in rows]
     teacher_stats: dict = {"calls": 0, "seconds": 0.0, "truncated": 0}
-    if strategy is not Selection.student_only:
-        asked = [i for i, s in enumerate(shortlists) if s]
+    tplan = teacher_plan(cfg, strategy, student_scores, shortlists)
+    asked = tplan.asked
+    if asked:
         verdicts, teacher_stats = score_resumably(
             lambda: open_scorer(cfg, cfg.teacher, teacher_model_dir(cfg)), [ids[i] for i in asked],
             [prompts[i] for i in asked], [[texts[i][k] for k in shortlists[i]] for i in asked],
@@ -96,16 +157,23 @@ def run(ctx: StageContext) -> StageResult:
         for i, v in zip(asked, verdicts):
             teacher_scores[i] = v
         if cfg.teacher.kind == ModelKind.judge:
-            picks = teacher_stats.pop("first_position_picks")
+            picks = teacher_stats.pop("first_position_picks")  # of verdicts given (garbage gives none)
             teacher_stats["first_position_rate"] = picks / teacher_stats["calls"] if teacher_stats["calls"] else None
 
     score_rows, pairs, no_pair, agreement = [], [], {"too_few_distinct": 0, "tie": 0, "no_complete_answer": 0,
-                                                 "cut_preferred": 0}, []
+                                                 "cut_preferred": 0, "over_budget": 0, "no_verdict": 0}, []
     for i, row in enumerate(rows):
-        judge = [student_scores[i][k] for k in shortlists[i]] if strategy is Selection.student_only else teacher_scores[i]
-        verdict = decide(shortlists[i], judge, cfg.rank.tie_threshold, complete[i]) if shortlists[i] else None
+        by_student = i in tplan.by_student
+        judge = [student_scores[i][k] for k in shortlists[i]] if by_student else teacher_scores[i]
+        # a served teacher that answered garbage gives NaN: no verdict, never a made-up one
+        usable = bool(shortlists[i]) and len(judge) == len(shortlists[i]) and all(map(math.isfinite, judge))
+        verdict = decide(shortlists[i], judge, cfg.rank.tie_threshold, complete[i]) if usable else None
         if not shortlists[i]:
             no_pair["too_few_distinct"] += 1
+        elif i in tplan.skipped:
+            no_pair[tplan.skipped[i]] = no_pair.get(tplan.skipped[i], 0) + 1
+        elif not usable:
+            no_pair["no_verdict"] += 1
         elif verdict is None and complete[i] is not None and not any(complete[i][k] for k in shortlists[i]):
             no_pair["no_complete_answer"] += 1
         elif verdict is None and decide(shortlists[i], judge, cfg.rank.tie_threshold):
@@ -113,12 +181,13 @@ def run(ctx: StageContext) -> StageResult:
         elif verdict is None:
             no_pair["tie"] += 1
         score_rows.append({"prompt_id": row["prompt_id"], "student_scores": student_scores[i],
-                           "shortlist": shortlists[i], "teacher_scores": teacher_scores[i],
+                           "shortlist": shortlists[i], "teacher_scores": teacher_scores[i] if usable and not by_student
+                           else [], "decided_by": "student" if by_student else "teacher" if i in asked else None,
                            "chosen": verdict.chosen if verdict else None,
                            "rejected": verdict.rejected if verdict else None})
         if verdict is None:
             continue
-        if strategy is not Selection.student_only:
+        if not by_student:  # the student trivially agrees with its own pairs
             agreement.append(student_agrees(student_scores[i], verdict))
         pairs.append({
             "prompt_id": row["prompt_id"], "prompt": row["prompt"],
@@ -126,7 +195,7 @@ def run(ctx: StageContext) -> StageResult:
             "rejected": [{"role": "assistant", "content": texts[i][verdict.rejected]}],
             "margin": verdict.margin, "chosen_index": verdict.chosen, "rejected_index": verdict.rejected,
             "iteration": cfg.iteration, "selection": strategy, "judge": cfg.student.name
-            if strategy is Selection.student_only else cfg.teacher.name, "student": student_label,
+            if by_student else cfg.teacher.name, "student": student_label,
             "rejected_cut": rows[i]["candidates"][verdict.rejected].get("finish_reason") == "length",
             "chosen_cut": rows[i]["candidates"][verdict.chosen].get("finish_reason") == "length",
         })
@@ -137,17 +206,20 @@ def run(ctx: StageContext) -> StageResult:
         "candidates_cut": sum(c.get("finish_reason") == "length" for r in rows for c in r["candidates"]),
         "pairs_rejected_cut": sum(p["rejected_cut"] for p in pairs), "pairs_chosen_cut": sum(p["chosen_cut"] for p in pairs),
         "student_calls": student_stats["calls"], "teacher_calls": teacher_stats["calls"],
-        "teacher_fraction_seen": (0 if strategy is Selection.student_only else sum(len(s) for s in shortlists))
-        / max(sum(len(t) for t in texts), 1),
+        "teacher_fraction_seen": sum(len(shortlists[i]) for i in asked) / max(sum(len(t) for t in texts), 1),
+        "teacher_prompts": len(asked), "student_decided": len(tplan.by_student), "teacher_budget": tplan.budget,
         "student_teacher_agreement": statistics.fmean(agreement) if agreement else None,
         "agreement_pairs": len(agreement),
         "student_s": round(student_stats["seconds"], 2), "teacher_s": round(teacher_stats["seconds"], 2),
         "truncated": {"student": student_stats["truncated"], "teacher": teacher_stats.get("truncated", 0)},
         "student_scores": describe([s for ss in student_scores for s in ss]),
-        "teacher_scores": describe([s for ts in teacher_scores for s in ts]),
+        "teacher_scores": describe([s for ts in teacher_scores for s in ts if math.isfinite(s)]),
         "mean_margin": statistics.fmean(p["margin"] for p in pairs) if pairs else None,
         "chosen_longer_rate": pairs_longer_wins(pairs) if pairs else None,
     }
+    if is_served(cfg.teacher):
+        metrics["served"] = cost_report(teacher_stats, cfg.teacher.served)
+        print(f"[rank] {cost_line(metrics['served'])}")
     if "first_position_rate" in teacher_stats:
         rate = metrics["judge_first_position_rate"] = teacher_stats["first_position_rate"]
         if rate is not None and abs(rate - 0.5) > 0.4:
@@ -167,6 +239,8 @@ def run(ctx: StageContext) -> StageResult:
           f" (student {student_stats['calls']}), agreement {'n/a' if agree is None else f'{agree:.2f}'}")
     counts = {k: metrics[k] for k in ("prompts", "candidates", "pairs", "student_calls", "teacher_calls",
                                       "student_teacher_agreement", "student_s", "teacher_s")}
+    if "served" in metrics:
+        counts["served"] = metrics["served"]
     return StageResult(counts, outputs, {"no_pair": no_pair})
 
 

@@ -1,0 +1,78 @@
+"""Rank awareness under `accelerate launch` (DDP, DeepSpeed, FSDP): every process trains, one writes.
+
+    accelerate launch --multi_gpu --num_processes 2 -m tsalign.cli stage=dpo iteration=0
+    accelerate launch --config_file conf/accelerate/deepspeed_zero2.yaml -m tsalign.cli stage=dpo iteration=0
+
+The launcher sets WORLD_SIZE / RANK / LOCAL_RANK; a plain `tsalign` run has none and every function
+here is then a no-op for one process. The runner (tsalign.runner) lets the main process take the
+stage lock, write the manifest and the tracker run; the others wait at a barrier and read. On a CPU
+machine the process group is gloo (accelerate's MULTI_CPU); on GPUs NCCL, one device per LOCAL_RANK.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+# stages that train data-parallel; the others run in one process (vLLM has its own parallelism)
+MULTI_PROCESS_STAGES = ("dpo", "distill")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def launched() -> bool:
+    """True inside `accelerate launch` / torchrun with more than one process."""
+    return world_size() > 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+@functools.lru_cache(maxsize=1)
+def state():
+    """accelerate's PartialState: initialises the process group once (gloo on CPU, NCCL on GPUs)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def barrier() -> None:
+    if launched():
+        state().wait_for_everyone()
+
+
+def from_main(value):
+    """The main process's `value` on every process (decisions such as "already done" must agree)."""
+    if not launched():
+        return value
+    import torch.distributed as dist
+
+    state()
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_over_processes(value: float, weight: float = 1.0) -> float:
+    """The weighted mean of a per-process number (a loss over a slice of the global batch)."""
+    if not launched():
+        return value
+    import torch
+    import torch.distributed as dist
+
+    state()
+    t = torch.tensor([value * weight, weight], dtype=torch.float64)
+    dist.all_reduce(t)
+    return (t[0] / t[1]).item()
