@@ -49,6 +49,19 @@ class ServedScorer:
         price_in, price_out = self.prices
         self.stats["cost"] += tokens_in / 1000 * (price_in or 0.0) + tokens_out / 1000 * (price_out or 0.0)
 
+    def _from_ledger(self, keys: list[str], field: str) -> tuple[list[float | None], list[int]]:
+        """Answers the ledger already holds (never paid for twice), and the indices still to ask."""
+        out: list[float | None] = [None] * len(keys)
+        todo = []
+        for n, key in enumerate(keys):
+            known = self.ledger.get(key)
+            if known is None:
+                todo.append(n)
+            else:
+                out[n] = known[field]
+                self.stats["cached"] += 1
+        return out, todo
+
     def _garbage(self, why: str, n: int = 1) -> None:
         self.stats["garbage"] += n
         if len(self.garbage_examples) < 5:
@@ -92,18 +105,12 @@ class ServedJudge(ServedScorer):
     def p_first(self, items: list[tuple[list[dict], str, str]]) -> list[float | None]:
         """P(first slot wins) per (prompt, first, second); None where the judge gave no verdict."""
         t0 = time.perf_counter()
-        out: list[float | None] = [None] * len(items)
         keys = [item_key("judge", p, a, b) for p, a, b in items]
-        todo = []
+        out, todo = self._from_ledger(keys, "p_first")
+        asking = set(todo)
         for n, key in enumerate(keys):
-            known = self.ledger.get(key)
-            if known is None:
-                todo.append(n)
-            else:
-                out[n] = known["p_first"]
-                self.stats["cached"] += 1
-                if known["p_first"] is None:
-                    self._garbage(known.get("why") or "no verdict")
+            if n not in asking and out[n] is None:  # a kept "no choice" answer: still no verdict
+                self._garbage(self.ledger.get(key).get("why") or "no verdict")
         for n, answer in self.client.post_many("/v1/chat/completions", todo, lambda n: self.body(self.render(*items[n]))):
             if answer.body is None:  # not JSON: counted, not kept (asked again next time)
                 self._paid(answer, 0, 0)
@@ -191,16 +198,8 @@ class ServedRewardModel(ServedScorer):
 
     def score_texts(self, items: list[tuple[list[dict], str]]) -> list[float | None]:
         t0 = time.perf_counter()
-        out: list[float | None] = [None] * len(items)
         keys = [item_key("reward", p, r) for p, r in items]
-        todo = []
-        for n, key in enumerate(keys):
-            known = self.ledger.get(key)
-            if known is None:
-                todo.append(n)
-            else:
-                out[n] = known["reward"]
-                self.stats["cached"] += 1
+        out, todo = self._from_ledger(keys, "reward")
         jobs = self.requests(items, todo)
         for (ns, _), answer in self.client.post_many(self.PATHS[self.api], jobs, lambda job: job[1]):
             tokens_in, tokens_out = usage(answer.body)
