@@ -76,6 +76,15 @@ def test_dpo_on_two_processes_matches_one_with_the_same_effective_batch(ranked):
     assert before is None or any(not torch.equal(before[k], weights(two / "policy")[k]) for k in before)
 
 
+def test_an_error_on_the_main_process_stops_every_process(ranked):
+    """dpo of 'two' is finished (the test above); another config is refused on the main process, and the
+    other process gets the same error instead of waiting at a barrier forever."""
+    base = ["stage=dpo", "iteration=0", *PAIRS, "dpo.max_steps=3", "optimizer.learning_rate=1e-3"]
+    done = launch_two(ranked, "experiment_name=two", *base, "dpo.batch_size=2")
+    assert done.returncode != 0
+    assert "different config" in done.stderr + done.stdout
+
+
 def test_distill_on_two_processes_matches_one(ranked):
     base = ["stage=distill", "iteration=0", *PAIRS, *STUDENT, "distill.batch_size=4", "distill.epochs=2",
             "distill.learning_rate=1e-3", "distill.holdout_fraction=0.0"]

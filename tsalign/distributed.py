@@ -53,16 +53,26 @@ def barrier() -> None:
         state().wait_for_everyone()
 
 
-def from_main(value):
-    """The main process's `value` on every process (decisions such as "already done" must agree)."""
+def from_main(compute):
+    """`compute()` run on the main process only, its result (or its error) on every process: decisions
+    such as "already done" must agree, and an error on the main process must not leave the others
+    waiting at the next collective."""
     if not launched():
-        return value
+        return compute()
     import torch.distributed as dist
 
     state()
-    box = [value]
+    box = [None]
+    if is_main():
+        try:
+            box = [(True, compute())]
+        except Exception as e:  # noqa: BLE001 -- re-raised below, on every process
+            box = [(False, e)]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def mean_over_processes(value: float, weight: float = 1.0) -> float:

@@ -47,7 +47,7 @@ def run_stage(cfg: DictConfig, name: str) -> dict:
                            "parallelism: sampler.tensor_parallel_size)")
     main = distributed.is_main()
     with stage_lock(run.directory) if main else contextlib.nullcontext():
-        if distributed.from_main(run.is_done() if main else None):
+        if distributed.from_main(run.is_done):
             print(f"[tsalign] iter_{cfg.iteration}/{name}: done already (manifest matches), skipped")
             return read_manifest(run.directory)
         check_stage(cfg, name)  # before anything is written or loaded: a bad path or length is one line
@@ -57,7 +57,7 @@ def run_stage(cfg: DictConfig, name: str) -> dict:
             if main else Tracker()
         t0 = time.time()
         try:
-            work = distributed.from_main(run.begin() if main else None)
+            work = distributed.from_main(run.begin)
             ctx = StageContext(cfg=cfg, iteration=cfg.iteration, directory=work, plan=plan, stamp=run.stamp(),
                                tracker=tracker)
             result = stage.run(ctx)

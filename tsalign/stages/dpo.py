@@ -227,7 +227,7 @@ def run(ctx: StageContext) -> StageResult:
     load_s = time.time() - t0
 
     # the main process clears stale checkpoints; every process resumes from the same one
-    resume = distributed.from_main(fresh_checkpoints(ckpt_dir, config_hash(ctx.stamp)) if distributed.is_main() else None)
+    resume = distributed.from_main(lambda: fresh_checkpoints(ckpt_dir, config_hash(ctx.stamp)))
     resumed_step = 0
     if resume:
         resumed_step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
