@@ -243,3 +243,54 @@ def test_zero_pairs_is_a_clear_error(tmp_path):
     write_pairs(cfg, pairs=[])
     with pytest.raises(TsalignError, match="no preference pairs in .*pairs.jsonl; rank mined none"):
         run_stage(cfg, "dpo")
+
+
+def first_batch(cfg, tmp_path):
+    """DPOTrainer of this stage on the first hand-made pair, and its collated batch."""
+    from datasets import Dataset
+
+    model_dir = base_model_dir(cfg, cfg.policy)
+    args = dpo.training_args(cfg, tmp_path / "ckpt", "cpu", [])
+    trainer = dpo.make_trainer(cfg, load_causal_lm(model_dir), load_causal_lm(model_dir), load_tokenizer(model_dir),
+                               Dataset.from_list([to_trl_row(make_pair(0, *QA[0]))]), args)
+    return trainer, trainer.data_collator([trainer.train_dataset[0]])
+
+
+@pytest.mark.parametrize("low, high", [(0.5, 1.0), (-1.0, 1.0)])
+def test_dual_clip_is_trls_sigmoid_loss_with_a_clipped_margin(tmp_path, low, high):
+    """At the start policy == reference, so the margin is 0: clipped to [0.5, 1] the loss is
+    -log sigmoid(0.5) and no gradient flows; inside [-1, 1] it is plain DPO's log 2, with gradients."""
+    cfg = config(tmp_path, "dpo.loss_type=dual_clip", f"dpo.dual_clip=[{low},{high}]")
+    trainer, batch = first_batch(cfg, tmp_path)
+    assert type(trainer).__name__ == "DualClipDPOTrainer"
+    loss = trainer.compute_loss(trainer.model, batch)
+    expected = -torch.nn.functional.logsigmoid(torch.tensor(0.0).clamp(low, high))
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    loss.backward()
+    grad = sum(p.grad.abs().sum().item() for p in trainer.model.parameters() if p.grad is not None)
+    assert (grad == 0.0) == (low > 0)
+    import trl.trainer.dpo_trainer as trl_dpo
+
+    assert trl_dpo.F is torch.nn.functional  # restored after the loss
+
+
+def test_dual_clip_bounds_are_checked(tmp_path):
+    with pytest.raises(TsalignError, match="low < high"):
+        dpo.training_args(config(tmp_path, "dpo.loss_type=dual_clip", "dpo.dual_clip=[1,1]"), tmp_path, "cpu", [])
+
+
+def test_reference_refresh_makes_the_reference_the_current_policy(tmp_path, monkeypatch):
+    """dpo.reference_refresh_steps=1 (TSO): after the last step the reference holds the trained weights;
+    without it the reference stays pi_0."""
+    trainers = []
+    make = dpo.make_trainer
+    monkeypatch.setattr(dpo, "make_trainer", lambda *a: trainers.append(make(*a)) or trainers[-1])
+    for name, extra in (("refresh", ["dpo.reference_refresh_steps=1"]), ("fixed", [])):
+        cfg = config(tmp_path, f"experiment_name={name}", "dpo.reference=initial", *extra)
+        write_pairs(cfg, 0)
+        run_stage(cfg, "dpo")
+    for trainer, refreshed in zip(trainers, (True, False)):
+        same = all(torch.equal(p, r) for p, r in zip(trainer.model.parameters(), trainer.ref_model.parameters()))
+        assert same == refreshed
+    with pytest.raises(TsalignError, match="reference_refresh_steps"):
+        dpo.training_args(config(tmp_path, "dpo.reference_refresh_steps=2", "dpo.lora=true"), tmp_path, "cpu", [])

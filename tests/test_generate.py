@@ -147,6 +147,29 @@ def test_generate_crash_resumes_only_missing_prompts(run_stage, tmp_path, sample
     assert clean == rows
 
 
+def test_model_matrix_adds_tagged_candidates_and_references(run_stage, tmp_path):
+    """TSO's matrix: a second policy (a conf/policy option) answers matrix_candidates times per prompt, the
+    data's reference answer is one more candidate, each tagged with its source; `initial` adds nothing at
+    t = 0 (pi_t is pi_0); a bad entry is one line naming the choices."""
+    from tsalign.lineage import training_prompts
+
+    cfg, manifest = run_stage("generate", ["generate.matrix=[initial,tiny]", "generate.matrix_candidates=2",
+                                           "generate.references=true"])
+    rows = read_jsonl(_gen_dir(cfg) / "candidates.jsonl")
+    references = {p["prompt_id"]: p["reference"] for p in training_prompts(cfg, 0)}
+    assert len(references) == 4  # AlpacaEval ships an answer per prompt
+    for row in rows:
+        sources = [c.get("source", "policy") for c in row["candidates"]]
+        assert sources == ["policy"] * 3 + [cfg.policy.name] * 2 + ["reference"]
+        assert row["candidates"][-1]["text"] == references[row["prompt_id"]]
+    counts = manifest["counts"]
+    assert counts["candidates"] == 4 * 6 and counts["matrix_candidates"] == 8 and counts["reference_candidates"] == 4
+    assert list(manifest["matrix"]) == [cfg.policy.name]
+    assert counts["generated_tokens"] == sum(c["num_tokens"] for r in rows for c in r["candidates"])
+    with pytest.raises(TsalignError, match="generate.matrix entry 'nope'"):
+        run_stage("generate", ["generate.matrix=[nope]", "experiment_name=bad"])
+
+
 def test_generate_iteration_1_needs_dpo(run_stage, tmp_path):
     with pytest.raises(TsalignError, match="stage=dpo") as info:
         run_stage("generate", ["iteration=1"], outputs=tmp_path / "outputs")

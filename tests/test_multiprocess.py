@@ -105,9 +105,9 @@ def test_distill_on_two_processes_matches_one(ranked):
 
 
 def test_other_stages_refuse_to_run_under_accelerate(ranked):
-    done = launch_two(ranked, "experiment_name=two", "stage=generate", "iteration=1")
+    done = launch_two(ranked, "experiment_name=two", "stage=rank", "iteration=0", *PAIRS)
     assert done.returncode != 0
-    assert "stage=generate runs in one process" in done.stderr + done.stdout
+    assert "stage=rank runs in one process" in done.stderr + done.stdout
 
 
 def test_the_loop_launches_training_stages_through_accelerate(compose):

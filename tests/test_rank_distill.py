@@ -460,6 +460,24 @@ def test_student_0_is_fitted_on_its_own_share_of_the_human_pairs(ts, tmp_path, c
     assert "student_0 learns pairs the teacher learned" in capsys.readouterr().out
 
 
+def test_distill_mixes_in_student_0s_own_human_pairs(ts, tmp_path, capsys):
+    """distill.human_anchor: the teacher's pairs are learnt beside student_0's own fit pairs (never its
+    held-out ones); off, only the teacher's pairs (and replay) are trained."""
+    cache, data, outputs = tmp_path / "cache", write_human_pairs(tmp_path / "human.jsonl"), tmp_path / "out"
+    shutil.copytree(ts["exp"], outputs / "anchor")  # the same finished rank
+
+    def distill(*overrides: str) -> dict:
+        cfg = configure(outputs, f"paths.cache={cache}", "stage=distill", "experiment_name=anchor", "redo=true", *overrides)
+        cfg.teacher.fit = FitSpec(data=str(data), holdout=2, epochs=1, batch_size=4, max_length=64, train_range=[0.0, 0.5])
+        cfg.student.fit = FitSpec(data=str(data), holdout=2, epochs=1, batch_size=4, max_length=64, train_range=[0.5, 1.0])
+        return run_stage(cfg, "distill")["counts"]
+
+    anchored, alone = distill(), distill("distill.human_anchor=false")
+    assert anchored["human_anchor_pairs"] == 4 and alone["human_anchor_pairs"] == 0
+    assert anchored["train_pairs"] == alone["train_pairs"] + 4
+    assert "4 human anchor" in capsys.readouterr().out
+
+
 def test_fitted_teacher_cache_follows_the_data_content(ts, tmp_path):
     """FitSpec is documented as 'cached by content': editing the local pairs file must not reuse the old fit."""
     cache, data = tmp_path / "cache", write_human_pairs(tmp_path / "human.jsonl")
@@ -475,3 +493,23 @@ def test_fit_recipe_composes_from_the_command_line(tmp_path):
     assert cfg.teacher.fit.data == str(tmp_path / "pairs.jsonl") and cfg.teacher.fit.holdout == 2
     assert cfg.teacher.fit.epochs == FitSpec.epochs  # the rest from the schema's defaults
 
+
+
+@pytest.mark.parametrize("mode", ["override", "filter"])
+def test_preference_correction_never_trains_a_policy_answer_over_the_reference(ts, mode):
+    """TSO's correction in rank: with the data's reference answers among the candidates and the teacher
+    ranking all, no pair keeps a policy answer chosen over the reference; what was corrected is counted."""
+    gen = ["generate.references=true", "experiment_name=tso"]
+    run(ts["outputs"], "generate", *gen)
+    cfg, manifest = run(ts["outputs"], "rank", *gen, "rank.selection=all", f"rank.correction={mode}", "redo=true")
+    _, pairs, metrics = rank_outputs(Path(cfg.experiment_dir))
+    c = metrics["correction"]
+    assert c["mode"] == mode and "policy>reference" not in metrics["pair_sources"]
+    assert c["agreed"] + c["overridden"] + c["filtered"] > 0  # the reference met a policy answer somewhere
+    labelled = sum(1 for p in pairs if "reference" in (p["chosen_source"], p["rejected_source"]))
+    assert c["agreed"] + (c["overridden"] if mode == "override" else 0) == labelled
+    assert metrics["no_pair"].get("against_label", 0) == c["filtered"]
+    plain_cfg, _ = run(ts["outputs"], "rank", *gen, "rank.selection=all", "redo=true")
+    plain = rank_outputs(Path(plain_cfg.experiment_dir))[2]
+    disagreed = plain["pair_sources"].get("policy>reference", 0)  # the teacher's verdicts against the label
+    assert (c["overridden"] if mode == "override" else c["filtered"]) == disagreed

@@ -232,3 +232,17 @@ def test_within_budget_spends_a_prefix_and_stops_at_the_first_that_does_not_fit(
     assert within_budget(costs, [0, 1, 2, 3], 5) == ([0, 1], [2, 3])  # 3 would fit, but the teacher stopped at 2
     assert within_budget(costs, [3, 0], 4) == ([3, 0], [])
     assert within_budget(costs, [0], 0) == ([], [0])
+
+
+def test_preference_correction_on_reference_pairs():
+    """TSO's correction: only a pair of a reference answer vs a policy answer carries a label (reference wins)."""
+    from tsalign.selection import correct
+
+    sources = ["policy", "reference", "policy", "reference"]
+    against, agreed = Verdict(0, 1, 0.5), Verdict(1, 2, 0.5)
+    assert correct(against, sources, "override") == (Verdict(1, 0, 0.5), "overridden")
+    assert correct(against, sources, "filter") == (None, "filtered")
+    assert correct(against, sources, "none") == (against, None)
+    assert correct(agreed, sources, "filter") == (agreed, "agreed")
+    for unlabelled in (Verdict(0, 2, 1.0), Verdict(1, 3, 1.0)):  # policy vs policy, reference vs reference
+        assert correct(unlabelled, sources, "override") == (unlabelled, None)

@@ -16,6 +16,7 @@ class Stage(StrEnum):
     distill = "distill"
     dpo = "dpo"
     evaluate = "evaluate"
+    pdistill = "pdistill"  # policy distillation from an aligned teacher LM (DCKD / ADPA), tsalign/stages/pdistill.py
     loop = "loop"
     status = "status"  # what is done, partial or missing, and what to run next (reads manifests only)
     report = "report"  # the experiment's report.html
@@ -92,6 +93,15 @@ class CutAnswers(StrEnum):
     keep = "keep"  # treated like complete answers
 
 
+class Correction(StrEnum):
+    """TSO's preference correction: where a pair holds the prompt's reference answer (a human's or a stronger
+    model's, generate.references) against a policy answer, that label says the reference wins."""
+
+    none = "none"  # the teacher's verdict stands
+    override = "override"  # a verdict against the label is flipped (the reference becomes chosen)
+    filter = "filter"  # a verdict against the label makes no pair
+
+
 class DistillSource(StrEnum):
     teacher = "teacher"  # this iteration's teacher pairs
     human = "human"  # human preference pairs (distill.human_data)
@@ -106,6 +116,19 @@ class Replay(StrEnum):
 class Reference(StrEnum):
     previous = "previous"  # pi_t
     initial = "initial"  # pi_0
+
+
+class PdistillLoss(StrEnum):
+    """pdistill.loss: what the student learns from the aligned teacher (tsalign/policy_losses.py)."""
+
+    dckd = "dckd"  # SFT on chosen + KL(teacher || student) on chosen and rejected
+    adpa = "adpa"  # SFT on chosen + the teacher's advantage over its reference on the student's greedy answers
+    adpa_dckd = "adpa_dckd"  # ADPA started from the DCKD student (the paper's ADPA+, its best)
+
+
+class AdvantageClip(StrEnum):
+    none = "none"  # A = log pi_aligned - log pi_ref, sign kept (the paper's idea)
+    positive = "positive"  # max(A, 0): what the ADPA authors' released code ends up doing
 
 
 class LoggerBackend(StrEnum):

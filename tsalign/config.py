@@ -16,7 +16,9 @@ from omegaconf import MISSING
 
 from tsalign.choices import (
     PIPELINE,
+    AdvantageClip,
     BudgetScope,
+    Correction,
     CutAnswers,
     DataSource,
     Device,
@@ -24,6 +26,7 @@ from tsalign.choices import (
     Dtype,
     LoggerBackend,
     ModelKind,
+    PdistillLoss,
     Reference,
     Replay,
     SamplerBackend,
@@ -142,6 +145,7 @@ class DataConfig:
     streaming: bool = False  # iterate rows instead of preparing the whole set (large sets; with max_rows)
     max_rows: Optional[int] = None  # read at most this many rows (the first ones)
     input_field: Optional[str] = "input"  # appended to the instruction when present (Alpaca style)
+    reference_field: Optional[str] = "output"  # a reference answer per prompt (generate.references); the embedded pools have one
     system_prompt: Optional[str] = None
     eval_prompts: int = 32  # held-out shard, never trained on
     prompts_per_iteration: int = 32
@@ -163,6 +167,11 @@ class OptimizerConfig:
 @dataclass
 class GenerateConfig:
     num_candidates: int = 4  # K
+    # TSO's model matrix (tsalign/matrix.py): more policies answering each prompt (initial = pi_0, a conf/policy
+    # option, or a checkpoint path), matrix_candidates answers each; references adds the data's reference answer
+    matrix: List[str] = field(default_factory=list)
+    matrix_candidates: int = 2
+    references: bool = False
 
 
 @dataclass
@@ -179,6 +188,9 @@ class RankConfig:
     budget_scope: BudgetScope = BudgetScope.iteration  # experiment: earlier iterations' teacher calls count too
     uncertain_fraction: float = 0.5  # selection=uncertain: share of prompts (smallest student margins) to the teacher
     confident_pairs: bool = True  # selection=uncertain: the other prompts make the student's own pair
+    # TSO: a pair of the prompt's reference answer vs a policy answer is labelled "reference wins"; a teacher
+    # verdict against it is flipped (override) or dropped (filter); counted either way
+    correction: Correction = Correction.none
 
 
 @dataclass
@@ -186,6 +198,9 @@ class DistillConfig:
     source: DistillSource = DistillSource.teacher
     human_data: str = "llamafactory_dpo"
     replay: Replay = Replay.all  # earlier iterations' pairs mixed in
+    # student_0's own human pairs (student.fit) mixed into every distill, so the teacher's few pairs per
+    # iteration add to what the student learnt from humans instead of overwriting it
+    human_anchor: bool = True
     holdout_fraction: float = 0.2
     use_margin: bool = False
     epochs: int = 3
@@ -197,8 +212,12 @@ class DistillConfig:
 @dataclass
 class DpoConfig:
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: str = "sigmoid"  # any TRL loss_type, or dual_clip (TSO: the sigmoid loss's margin clipped)
+    dual_clip: List[float] = field(default_factory=lambda: [-2.0, 2.0])  # [low, high] of beta * margin
     reference: Reference = Reference.previous
+    # TSO's reference refresh: every N optimizer steps the reference becomes the current policy (TRL's
+    # sync_ref_model with mixup alpha 1); its log-probabilities are then recomputed. null = never
+    reference_refresh_steps: Optional[int] = None
     epochs: float = 1.0
     max_steps: int = -1
     batch_size: int = 2
@@ -213,10 +232,39 @@ class DpoConfig:
 
 
 @dataclass
+class PdistillConfig:
+    """stage=pdistill: distil an aligned teacher LM into a student LM (DCKD / ADPA, tsalign/stages/pdistill.py).
+    Models are a folder, or pi_<n> / pi_T (this experiment's DPO policies; pi_T the last one), or
+    <experiment>:pi_<n> / <experiment>:pi_T (another experiment under paths.outputs)."""
+
+    loss: PdistillLoss = PdistillLoss.dckd  # dckd | adpa | adpa_dckd (ADPA started from the DCKD student)
+    teacher_policy: str = "pi_T"  # the aligned teacher (a causal LM sharing the student's tokenizer)
+    teacher_reference: str = "pi_0"  # its reference (ADPA's advantage = log teacher - log reference)
+    student: str = "pi_0"  # where the student starts
+    data: Optional[str] = None  # preference pairs: null = iter_<t>/rank/pairs.jsonl; llamafactory_dpo | a JSONL file
+    max_pairs: Optional[int] = None  # the first n pairs only (quick runs)
+    top_k: int = 50  # teacher distributions are stored as top-k probabilities + one remainder bucket
+    cache_dir: Optional[str] = None  # teacher top-k caches; null = <paths.cache>/teacher_topk
+    teacher_batch_size: int = 4  # sequences per teacher forward pass
+    ce_weight: float = 1.0  # the SFT term on the chosen answer
+    kl_weight: float = 0.1  # DCKD: weight of each KL constraint (chosen, rejected)
+    advantage_weight: float = 1.6  # ADPA: weight of the expected advantage
+    advantage_clip: AdvantageClip = AdvantageClip.none
+    epochs: float = 1.0  # adpa_dckd: per phase
+    max_steps: int = -1  # adpa_dckd: per phase
+    batch_size: int = 2  # pairs per step (2 sequences each)
+    gradient_accumulation_steps: int = 1
+    max_length: int = 384  # tokens of prompt + response (prompt cut from the left, response from the end)
+    logging_steps: int = 1
+
+
+@dataclass
 class EvaluateConfig:
     # Who judges pi_{t+1} vs pi_0: null = the training teacher (then the win rate measures fit to the
     # optimised reward); or a conf/teacher/ option, e.g. evaluate.judge=llama3_70b_judge
     judge: Optional[str] = None
+    # which iteration-t policy is judged against pi_0: dpo (TS-Align, TSO) or pdistill (DCKD / ADPA's student)
+    policy_from: str = "dpo"
     control: bool = True  # base-vs-base run: its win rate must sit near 50%
     tie_threshold: float = 0.0
     confidence: float = 0.95
@@ -234,13 +282,16 @@ class LoggerConfig:
 @dataclass
 class LaunchConfig:
     """How stage=loop starts the training stages (dpo, distill): in one process, or under `accelerate
-    launch` (DDP / DeepSpeed / FSDP) with this many processes. Single stages: run `accelerate launch`
-    yourself (README: Scaling out)."""
+    launch` (DDP / DeepSpeed / FSDP) with this many processes; and generate over generate_processes.
+    Single stages: run `accelerate launch` yourself (README: Scaling out)."""
 
     processes: int = 1
     # an accelerate config file: a name under conf/accelerate/ (ddp, deepspeed_zero2, deepspeed_zero3,
     # fsdp) or a path; null = plain DDP over `processes` (gloo on CPU, NCCL on GPUs)
     accelerate_config: Optional[str] = None
+    # generate: prompt shards over this many processes (`accelerate launch --multi_gpu`), one sampler
+    # engine each on its own device; with sampler=vllm each engine takes sampler.tensor_parallel_size GPUs
+    generate_processes: int = 1
 
 
 @dataclass
@@ -272,6 +323,7 @@ class TsalignConfig:
     rank: RankConfig = field(default_factory=RankConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    pdistill: PdistillConfig = field(default_factory=PdistillConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 

@@ -151,10 +151,13 @@ def _read_rows(path: Path) -> list[dict]:
 
 def load_prompt_pool(source: str, cache_dir: str | Path, path: str | None = None, prompt_field: str = "instruction",
                      input_field: str | None = "input", system_prompt: str | None = None,
-                     with_skipped: bool = False, hf: dict | None = None) -> list[dict] | tuple[list[dict], int]:
+                     with_skipped: bool = False, hf: dict | None = None,
+                     reference_field: str | None = None) -> list[dict] | tuple[list[dict], int]:
     """The prompt pool; empty prompts are skipped and counted (a file of nothing but empty prompts is an
-    error). with_skipped: (pool, how many were skipped). hf: data=hf's load_dataset options (HF_KEYS)."""
-    pool, empty = read_prompt_pool(source, cache_dir, path, prompt_field, input_field, system_prompt, hf)
+    error). with_skipped: (pool, how many were skipped). hf: data=hf's load_dataset options (HF_KEYS).
+    reference_field: a row's reference answer there (non-empty text) becomes the prompt's "reference"."""
+    pool, empty = read_prompt_pool(source, cache_dir, path, prompt_field, input_field, system_prompt, hf,
+                                   reference_field)
     if empty:
         print(f"[data] skipped {len(empty)} empty prompt(s) in {path or source} (rows {', '.join(map(str, empty[:10]))}"
               f"{' ...' if len(empty) > 10 else ''})")
@@ -163,7 +166,7 @@ def load_prompt_pool(source: str, cache_dir: str | Path, path: str | None = None
 
 def read_prompt_pool(source: str, cache_dir: str | Path, path: str | None = None, prompt_field: str = "instruction",
                      input_field: str | None = "input", system_prompt: str | None = None,
-                     hf: dict | None = None) -> tuple[list[dict], list[int]]:
+                     hf: dict | None = None, reference_field: str | None = None) -> tuple[list[dict], list[int]]:
     """(the pool, the row numbers of empty prompts skipped)."""
     if DataSource(source) is DataSource.file:
         if not path:
@@ -194,7 +197,11 @@ def read_prompt_pool(source: str, cache_dir: str | Path, path: str | None = None
         if key in seen:  # duplicates would leak between training and held-out shards
             continue
         seen.add(key)
-        pool.append({"prompt_id": f"{tag}-{i:05d}", "messages": messages})
+        entry = {"prompt_id": f"{tag}-{i:05d}", "messages": messages}
+        reference = row.get(reference_field) if reference_field else None
+        if isinstance(reference, str) and reference.strip():  # a human / stronger model's answer (TSO's matrix)
+            entry["reference"] = reference
+        pool.append(entry)
     if empty and not pool:
         raise TsalignError(f"{file}: no prompts: all {len(empty)} rows have an empty prompt; check the file and data.prompt_field "
                            f"(now '{prompt_field}')")

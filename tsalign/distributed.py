@@ -1,7 +1,8 @@
-"""Rank awareness under `accelerate launch` (DDP, DeepSpeed, FSDP): every process trains, one writes.
+"""Rank awareness under `accelerate launch` (DDP, DeepSpeed, FSDP): every process works, one writes.
 
     accelerate launch --multi_gpu --num_processes 2 -m tsalign.cli stage=dpo iteration=0
     accelerate launch --config_file conf/accelerate/deepspeed_zero2.yaml -m tsalign.cli stage=dpo iteration=0
+    accelerate launch --multi_gpu --num_processes 2 -m tsalign.cli stage=generate iteration=0   # prompt shards
 
 The launcher sets WORLD_SIZE / RANK / LOCAL_RANK; a plain `tsalign` run has none and every function
 here is then a no-op for one process. The runner (tsalign.runner) lets the main process take the
@@ -14,8 +15,9 @@ from __future__ import annotations
 import functools
 import os
 
-# stages that train data-parallel; the others run in one process (vLLM has its own parallelism)
-MULTI_PROCESS_STAGES = ("dpo", "distill")
+# stages that run data-parallel (dpo / distill train on slices of each batch, generate samples a shard of
+# the prompts per process); the others run in one process (a vLLM engine has its own tensor parallelism)
+MULTI_PROCESS_STAGES = ("generate", "dpo", "distill")
 
 
 def world_size() -> int:
@@ -73,6 +75,33 @@ def from_main(compute):
     if not ok:
         raise value
     return value
+
+
+def on_every_process(compute) -> list:
+    """`compute()` run on every process; every process gets the list of results by rank. An error on
+    any process is raised on all of them (the lowest rank's), after every process has finished its own
+    share: no process is left waiting at the next collective, and finished work elsewhere is kept."""
+    if not launched():
+        return [compute()]
+    import pickle
+
+    import torch.distributed as dist
+
+    state()
+    try:
+        mine = (True, compute())
+    except Exception as e:  # noqa: BLE001 -- re-raised below, on every process
+        mine = (False, e)
+        try:
+            pickle.dumps(e)
+        except Exception:  # noqa: BLE001 -- an error that cannot travel goes as its text
+            mine = (False, RuntimeError(f"process {rank()}: {type(e).__name__}: {e}"))
+    results = [None] * world_size()
+    dist.all_gather_object(results, mine)
+    for ok, value in results:
+        if not ok:
+            raise value
+    return [value for _, value in results]
 
 
 def mean_over_processes(value: float, weight: float = 1.0) -> float:

@@ -58,11 +58,12 @@ def base_model_dir(cfg: DictConfig, spec: DictConfig) -> Path:
 
 @functools.lru_cache(maxsize=4)
 def _read_pool(source: str, cache: str, path: str | None, prompt_field: str, input_field: str | None,
-               system_prompt: str | None, stamp: tuple, hf: tuple = ()) -> tuple[tuple[dict, ...], int]:
+               system_prompt: str | None, stamp: tuple, hf: tuple = (),
+               reference_field: str | None = None) -> tuple[tuple[dict, ...], int]:
     from tsalign.data import load_prompt_pool
 
     pool, skipped = load_prompt_pool(source, cache, path, prompt_field, input_field, system_prompt, with_skipped=True,
-                                     hf=dict(hf))
+                                     hf=dict(hf), reference_field=reference_field)
     return tuple(pool), skipped
 
 
@@ -76,7 +77,7 @@ def prompt_pool(cfg: DictConfig) -> tuple[list[dict], int]:
 
     hf = tuple((k, d[k]) for k in HF_KEYS) if d.source == "hf" else ()  # data=hf's load_dataset options
     pool, skipped = _read_pool(str(d.source), str(cfg.paths.cache), d.path, d.prompt_field, d.input_field,
-                               d.system_prompt, stamp, hf)
+                               d.system_prompt, stamp, hf, d.reference_field)
     return list(pool), skipped
 
 

@@ -200,14 +200,24 @@ def dpo(cfg: DictConfig) -> None:
 
 
 def evaluate(cfg: DictConfig) -> None:
+    from tsalign.stages.evaluate import policy_stage
+
     base_model(cfg, "policy")  # pi_0 answers beside pi_{t+1}
-    student = finished_output(cfg, cfg.iteration, "distill", "student", "evaluate")
-    check_lengths(trained_model(student), {"student.max_length": cfg.student.max_length})
+    if policy_stage(cfg) == "dpo":
+        student = finished_output(cfg, cfg.iteration, "distill", "student", "evaluate")
+        check_lengths(trained_model(student), {"student.max_length": cfg.student.max_length})
     check_judge(cfg)
     prompt_split(cfg)
 
 
-CHECKS = {"generate": generate, "rank": rank, "distill": distill, "dpo": dpo, "evaluate": evaluate}
+def pdistill(cfg: DictConfig) -> None:
+    from tsalign.stages.pdistill import preflight
+
+    preflight(cfg)
+
+
+CHECKS = {"generate": generate, "rank": rank, "distill": distill, "dpo": dpo, "evaluate": evaluate,
+          "pdistill": pdistill}
 
 
 def check_stage(cfg: DictConfig, stage: str) -> None:

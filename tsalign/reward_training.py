@@ -125,11 +125,17 @@ def pair_accuracy(model_dir: Path, pairs: list[dict], max_length: int = 256, dev
     return {"pairs": len(pairs), "accuracy": pairwise_accuracy(chosen, rejected), "longer_wins": pairs_longer_wins(pairs)}
 
 
+def fit_pairs(fit: dict, cache_dir: Path) -> tuple[list[dict], list[dict]]:
+    """A fit recipe's (train, held_out) human pairs: its train_range share of what the hold-out leaves."""
+    from tsalign.data import load_human_pairs, split_pairs, train_slice
+
+    train, held_out = split_pairs(load_human_pairs(fit["data"], cache_dir), fit["holdout"], fit["seed"])
+    return train_slice(train, fit.get("train_range", (0.0, 1.0))), held_out
+
+
 def fitted_reward_model(base_dir: Path, fit: dict, cache_dir: Path, name: str, device: str = "cpu",
                         head_seed: int = 0, role: str = "teacher") -> Path:
     """A reward model fitted once on human pairs (the CPU teacher, and student_0); cached by its recipe."""
-    from tsalign.data import load_human_pairs, split_pairs, train_slice
-
     data = Path(str(fit["data"])).expanduser()
     key = [str(base_dir), fit, head_seed] + ([fingerprint(data)] if data.is_file() else [])  # a local file: its content
     out = Path(cache_dir) / "fitted" / f"{name}-{config_hash(key)}"
@@ -138,8 +144,7 @@ def fitted_reward_model(base_dir: Path, fit: dict, cache_dir: Path, name: str, d
     with cache_lock(out, f"the fit of {role} '{name}'"):  # sweep jobs on an empty cache: one fits, the others wait
         if (out / "fit_report.json").is_file():  # fitted by another process meanwhile
             return out
-        train, held_out = split_pairs(load_human_pairs(fit["data"], cache_dir), fit["holdout"], fit["seed"])
-        train = train_slice(train, fit.get("train_range", (0.0, 1.0)))
+        train, held_out = fit_pairs(fit, cache_dir)
         log.info("fitting %s on %d human pairs (once; cached in %s)", name, len(train), out)
         print(f"[tsalign] fitting reward model '{name}' on {len(train)} human pairs (once, cached in {out})")
         report = {"recipe": fit, "base": str(base_dir)}

@@ -19,11 +19,12 @@ from tsalign.artifacts import StageRun, read_manifest, stage_dir, stage_lock
 from tsalign.errors import TsalignError
 from tsalign.lineage import experiment_dir
 from tsalign.preflight import check_stage
-from tsalign.stages import distill, dpo, evaluate, generate, rank
+from tsalign.stages import distill, dpo, evaluate, generate, pdistill, rank
 from tsalign.stages.contract import Plan, Stage, StageContext
 from tsalign.tracking import Tracker, start_tracker
 
-REGISTRY: dict[str, Stage] = {s.name: s for s in (generate.STAGE, rank.STAGE, distill.STAGE, dpo.STAGE, evaluate.STAGE)}
+REGISTRY: dict[str, Stage] = {s.name: s for s in (generate.STAGE, rank.STAGE, distill.STAGE, dpo.STAGE, evaluate.STAGE,
+                                                   pdistill.STAGE)}
 
 
 def stage_record(cfg: DictConfig, name: str) -> tuple[Stage, Plan, StageRun]:
@@ -43,8 +44,7 @@ def run_stage(cfg: DictConfig, name: str) -> dict:
     stage, plan, run = stage_record(cfg, name)
     if distributed.launched() and name not in distributed.MULTI_PROCESS_STAGES:
         raise TsalignError(f"stage={name} runs in one process; launch only "
-                           f"{' / '.join(distributed.MULTI_PROCESS_STAGES)} with accelerate (vLLM has its own "
-                           "parallelism: sampler.tensor_parallel_size)")
+                           f"{' / '.join(distributed.MULTI_PROCESS_STAGES)} with accelerate")
     main = distributed.is_main()
     with stage_lock(run.directory) if main else contextlib.nullcontext():
         if distributed.from_main(run.is_done):

@@ -11,7 +11,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from tsalign.choices import Selection
+from tsalign.choices import Correction, Selection
 
 
 def distinct_valid(texts: list[str]) -> list[int]:
@@ -116,3 +116,19 @@ def within_budget(costs: dict[int, int], order: list[int], budget: int | None) -
             return list(order[:n]), list(order[n:])
         spent += costs[i]
     return list(order), []
+
+
+REFERENCE = "reference"  # a candidate's source when it is the prompt's reference answer (generate.references)
+
+
+def correct(verdict: Verdict, sources: list[str], mode: str) -> tuple[Verdict | None, str | None]:
+    """(the verdict after TSO's preference correction, what happened: None = no label for this pair,
+    "agreed", "overridden" or "filtered"). A label exists when exactly one side is a reference answer."""
+    chosen_ref, rejected_ref = sources[verdict.chosen] == REFERENCE, sources[verdict.rejected] == REFERENCE
+    if Correction(mode) is Correction.none or chosen_ref == rejected_ref:
+        return verdict, None
+    if chosen_ref:
+        return verdict, "agreed"
+    if Correction(mode) is Correction.filter:
+        return None, "filtered"
+    return Verdict(verdict.rejected, verdict.chosen, verdict.margin), "overridden"

@@ -120,10 +120,11 @@ def _of(done: int, total: int | None) -> str:
 
 
 def generate_progress(experiment: Path, t: int, work: Path) -> dict:
-    done = complete_lines(work / "_work" / "candidates.partial.jsonl")
+    # one file, or one per shard under `accelerate launch` (candidates.shard<r>of<N>.partial.jsonl)
+    done = sum(complete_lines(f) for f in (work / "_work").glob("candidates*.partial.jsonl"))
     total = planned_prompts(experiment, t)
     return {"done": done, "total": total, "unit": "prompts",
-            "detail": f"{_of(done, total)} prompts sampled (_work/candidates.partial.jsonl)"}
+            "detail": f"{_of(done, total)} prompts sampled (_work/candidates*.partial.jsonl)"}
 
 
 def rank_progress(experiment: Path, t: int, work: Path) -> dict:

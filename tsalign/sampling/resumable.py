@@ -1,6 +1,11 @@
 """Sampling prompt by prompt-chunk into PartialRows, so a crash loses one chunk at most.
 
 Used by generate (K candidates per prompt) and evaluate (one answer per held-out prompt).
+
+Chunks are also the unit of seeding (chunk seed = derived_seed(run seed, chunk start)) and of data
+parallelism: under `accelerate launch` generate's process r of N samples chunks r, r+N, r+2N, ...
+(shard_ranges), so a prompt meets the same seed and the same batch whatever N is, and the merged
+output of N processes is the output of one (same sampler, device type and dtype).
 """
 
 from __future__ import annotations
@@ -24,18 +29,32 @@ def chunk_prompts(batch_size: int, n: int) -> int:
     return max(CHUNK_PROMPTS, batch_size // n)
 
 
+def shard_ranges(count: int, chunk_size: int, shard: int = 0, shards: int = 1) -> list[range]:
+    """The prompt index ranges shard `shard` of `shards` samples: chunk j (prompts j*chunk_size ...)
+    belongs to shard j % shards (strided, so shards differ by one chunk at most)."""
+    starts = range(0, count, chunk_size)
+    return [range(s, min(s + chunk_size, count)) for j, s in enumerate(starts) if j % shards == shard]
+
+
+def shard_prompts(prompts: list[dict], chunk_size: int, shard: int = 0, shards: int = 1) -> list[dict]:
+    return [prompts[i] for r in shard_ranges(len(prompts), chunk_size, shard, shards) for i in r]
+
+
 def sample_rows(sampler, prompts: list[dict], params: SamplingParams, partial: PartialRows, label: str,
-                chunk_size: int = CHUNK_PROMPTS, on_chunk=None) -> list[dict]:
-    """Sample every prompt not already in `partial`, chunk by chunk; rows come back in prompt order.
-    Progress (prompts done, tokens/s, ETA) is shown per chunk, and passed to on_chunk(done, tok_s) (the
-    tracker); resumed prompts count as done."""
-    done = sum(p["prompt_id"] in partial for p in prompts)
-    with progress(len(prompts), f"sampling {label}", "prompt", initial=done) as bar:
-        for start in range(0, len(prompts), chunk_size):
-            chunk = [p for p in prompts[start : start + chunk_size] if p["prompt_id"] not in partial]
+                chunk_size: int = CHUNK_PROMPTS, on_chunk=None, shard: int = 0, shards: int = 1) -> list[dict]:
+    """Sample every prompt of the shard (all of them by default) not already in `partial`, chunk by
+    chunk; the shard's rows come back in prompt order. Progress (prompts done, tokens/s, ETA) is shown
+    per chunk, and passed to on_chunk(done, tok_s) (the tracker); resumed prompts count as done."""
+    ranges = shard_ranges(len(prompts), chunk_size, shard, shards)
+    mine = [prompts[i] for r in ranges for i in r]
+    done = sum(p["prompt_id"] in partial for p in mine)
+    where = f" (shard {shard + 1}/{shards})" if shards > 1 else ""
+    with progress(len(mine), f"sampling {label}{where}", "prompt", initial=done) as bar:
+        for r in ranges:
+            chunk = [p for p in prompts[r.start : r.stop] if p["prompt_id"] not in partial]
             if not chunk:
                 continue
-            chunk_params = SamplingParams(**{**params.as_dict(), "seed": derived_seed(params.seed, start)})
+            chunk_params = SamplingParams(**{**params.as_dict(), "seed": derived_seed(params.seed, r.start)})
             t0 = time.monotonic()
             completions = sampler.generate([p["messages"] for p in chunk], chunk_params)
             tokens = sum(c.num_tokens for comps in completions for c in comps)
@@ -45,7 +64,7 @@ def sample_rows(sampler, prompts: list[dict], params: SamplingParams, partial: P
             done += len(chunk)
             if on_chunk:
                 on_chunk(done, tok_s)
-    return [partial.rows[p["prompt_id"]] for p in prompts]
+    return [partial.rows[p["prompt_id"]] for p in mine]
 
 
 def keep_rows(partial: PartialRows, chunk: list[dict], completions: list, label: str) -> None:

@@ -3,15 +3,51 @@
 Prompts are rendered with the policy's chat template and cut from the left to max_prompt_tokens here,
 by the same rule as the hf sampler, then passed as token ids; every prompt gets its own seed (its K
 samples use seed, seed+1, ...), so a prompt's candidates do not depend on the batch it is in.
+
+Under `accelerate launch` (data-parallel generate) every process starts its own engine; on GPUs the
+engine of process LOCAL_RANK gets the visible GPUs LOCAL_RANK*tp ... LOCAL_RANK*tp+tp-1 (tp =
+tensor_parallel_size), so N processes need N*tp GPUs. The engine runs in vLLM's engine-core process
+(vLLM's default), which is started with only those GPUs visible.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 
+from tsalign import distributed
+from tsalign.errors import TsalignError
 from tsalign.sampling.base import Completion, SamplingParams, chat_prompt_ids
-from tsalign.vllm_engine import engine_failed, import_vllm, start_engine, stop_engine
+from tsalign.vllm_engine import engine_failed, import_vllm, on_cpu, start_engine, stop_engine
+
+
+@contextlib.contextmanager
+def process_devices(tensor_parallel_size: int):
+    """While an engine starts under `accelerate launch` on GPUs: only this process's GPUs are visible."""
+    if not distributed.launched() or on_cpu():
+        yield
+        return
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = [d for d in visible.split(",") if d.strip()] if visible else \
+        [str(i) for i in range(torch.cuda.device_count())]
+    first = distributed.local_rank() * tensor_parallel_size
+    mine = devices[first : first + tensor_parallel_size]
+    if len(mine) < tensor_parallel_size:
+        raise TsalignError(f"process {distributed.local_rank()} of {distributed.world_size()} needs GPUs "
+                           f"{first}..{first + tensor_parallel_size - 1} (sampler.tensor_parallel_size="
+                           f"{tensor_parallel_size} each) but {len(devices)} are visible; launch fewer processes")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+    try:
+        yield
+    finally:
+        if visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
 
 
 class VLLMSampler:
@@ -19,9 +55,10 @@ class VLLMSampler:
                  gpu_memory_utilization: float = 0.85, max_model_len: int | None = None,
                  enforce_eager: bool | None = None, kv_cache_gib: float | None = None):
         self._vllm = import_vllm()
-        self.llm = start_engine(model_dir, dtype=str(dtype), seed=seed, tensor_parallel_size=tensor_parallel_size,
-                                gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                                enforce_eager=enforce_eager, kv_cache_gib=kv_cache_gib)
+        with process_devices(tensor_parallel_size):
+            self.llm = start_engine(model_dir, dtype=str(dtype), seed=seed, tensor_parallel_size=tensor_parallel_size,
+                                    gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                                    enforce_eager=enforce_eager, kv_cache_gib=kv_cache_gib)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.stats = {"generated_tokens": 0, "generate_s": 0.0}

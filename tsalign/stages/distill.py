@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tsalign import distributed
 from tsalign.artifacts import atomic_write_json, read_jsonl
@@ -23,7 +23,7 @@ from tsalign.engines import student_base_dir, teacher_model_dir
 from tsalign.errors import TsalignError
 from tsalign.lineage import finished_output, student_source
 from tsalign.models import pick_device
-from tsalign.reward_training import pair_accuracy, train_reward_model
+from tsalign.reward_training import fit_pairs, pair_accuracy, train_reward_model
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
 
 
@@ -53,6 +53,13 @@ def plan(cfg: DictConfig) -> Plan:
     return Plan({**section(cfg, *keys), "student_used": label}, inputs)
 
 
+def human_anchor_pairs(cfg: DictConfig) -> list[dict]:
+    """student_0's own fit pairs, mixed into a teacher distill (distill.human_anchor): never the held-out ones."""
+    if cfg.distill.source != DistillSource.teacher or not (cfg.distill.human_anchor and cfg.student.fit.data):
+        return []
+    return fit_pairs(OmegaConf.to_container(cfg.student.fit), Path(cfg.paths.cache))[0]
+
+
 def human_eval_pairs(cfg: DictConfig) -> list[dict]:
     """The human pairs the teacher's fit held out (when it has a fit recipe): a label source it never saw."""
     fit = cfg.teacher.fit
@@ -71,6 +78,8 @@ def run(ctx: StageContext) -> StageResult:
         train, held_out = split_pairs(current, float(d.holdout_fraction), cfg.seed + cfg.iteration)
         replay = [p for f in files.values() for p in read_jsonl(f, "pairs file")]
         train, replayed = train + replay, len(replay)
+    anchor = human_anchor_pairs(cfg)
+    train = train + anchor
     if not train:
         raise TsalignError(f"no pairs to distill at iteration {cfg.iteration}: rank mined none; "
                            "raise generate.num_candidates or data.prompts_per_iteration")
@@ -93,7 +102,8 @@ def run(ctx: StageContext) -> StageResult:
                                      lr_key="distill.learning_rate", what="distill", data_parallel=True)
     after, human_after = accuracy(out, held_out), accuracy(out, human)
 
-    metrics = {"source": d.source, "train_pairs": len(train), "replayed_pairs": replayed, "held_out_pairs": len(held_out),
+    metrics = {"source": d.source, "train_pairs": len(train), "replayed_pairs": replayed,
+               "human_anchor_pairs": len(anchor), "held_out_pairs": len(held_out),
                "label": str(d.source), "before": before, "after": after,
                "train": train_stats, "human_held_out": {"before": human_before, "after": human_after}}
     if human:
@@ -105,13 +115,15 @@ def run(ctx: StageContext) -> StageResult:
     def rounded(result: dict | None) -> float | None:
         return None if result is None else round(result["accuracy"], 4)
 
-    counts = {"train_pairs": len(train), "held_out_pairs": len(held_out), "steps": train_stats["steps"],
+    counts = {"train_pairs": len(train), "human_anchor_pairs": len(anchor), "held_out_pairs": len(held_out),
+              "steps": train_stats["steps"],
               "agreement_before": rounded(before), "agreement_after": rounded(after),
               "human_accuracy_before": rounded(human_before), "human_accuracy_after": rounded(human_after),
               "human_longer_wins": None if human_before is None else round(human_before["longer_wins"], 4),
               "human_pairs": len(human)}
     tracker.log({f"distill/{k}": v for k, v in counts.items() if v is not None})
-    print(f"[distill] {len(train)} pairs ({replayed} replayed), {train_stats['steps']} steps; held-out "
+    print(f"[distill] {len(train)} pairs ({replayed} replayed, {len(anchor)} human anchor), "
+          f"{train_stats['steps']} steps; held-out "
           f"{'teacher agreement' if d.source == DistillSource.teacher else 'human accuracy'} "
           f"{counts['agreement_before']} -> {counts['agreement_after']} on {len(held_out)} pairs"
           + (f"; human held-out {counts['human_accuracy_before']} -> {counts['human_accuracy_after']} on "

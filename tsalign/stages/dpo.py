@@ -2,11 +2,13 @@
 
     tsalign stage=dpo iteration=0
     tsalign stage=dpo iteration=1 dpo.reference=initial dpo.lora=true dpo.max_steps=20
+    tsalign stage=dpo dpo.loss_type=dual_clip dpo.dual_clip=[-2,2] dpo.reference_refresh_steps=8   # TSO
 
 Reads iter_<t>/rank/pairs.jsonl (TRL's conversational prompt/chosen/rejected) and pi_t (the base policy
 at t=0, else iter_<t-1>/dpo/policy). Prompts too long for dpo.max_length lose their start, never the
 response. The reference is pi_t (dpo.reference=previous; with LoRA, pi_t with the adapter disabled) or
-pi_0 (initial). Step checkpoints in _work/checkpoints let an interrupted run resume where it stopped.
+pi_0 (initial); dpo.reference_refresh_steps=N replaces it by the current policy every N steps (TSO).
+Step checkpoints in _work/checkpoints let an interrupted run resume where it stopped.
 Writes iter_<t>/dpo/policy/: a plain HF checkpoint (LoRA merged) + tokenizer, which generate loads.
 """
 
@@ -30,6 +32,8 @@ from tsalign.lineage import base_model_dir, finished_output, policy_source
 from tsalign.models import load_causal_lm, load_tokenizer, pick_device
 from tsalign.preference import fit_pair, to_trl_row
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
+
+DUAL_CLIP = "dual_clip"  # TSO's dual-clip loss (tsalign/dpo_trainer.py); every other loss_type is TRL's
 
 
 def reference_label(cfg: DictConfig, policy_label: str) -> str:
@@ -63,8 +67,16 @@ def training_args(cfg: DictConfig, output_dir: Path, device: str, report_to: lis
     gpu = device.startswith("cuda")
     if not 0 <= o.warmup_ratio < 1:
         raise TsalignError(f"optimizer.warmup_ratio={o.warmup_ratio} must be in [0, 1)")
+    refresh = d.reference_refresh_steps
+    if refresh is not None and (refresh < 1 or d.lora):
+        raise TsalignError(f"dpo.reference_refresh_steps={refresh}: needs a whole number >= 1 and full "
+                           "fine-tuning (dpo.lora=false; with LoRA there is no separate reference to refresh)")
+    if d.loss_type == DUAL_CLIP and not (len(d.dual_clip) == 2 and d.dual_clip[0] < d.dual_clip[1]):
+        raise TsalignError(f"dpo.dual_clip={list(d.dual_clip)} must be [low, high] with low < high")
+    loss_type = "sigmoid" if d.loss_type == DUAL_CLIP else d.loss_type  # dual clip clips TRL's sigmoid loss
     return DPOConfig(
-        output_dir=str(output_dir), beta=d.beta, loss_type=[d.loss_type], max_length=d.max_length,
+        output_dir=str(output_dir), beta=d.beta, loss_type=[loss_type], max_length=d.max_length,
+        sync_ref_model=refresh is not None, ref_model_sync_steps=refresh or 512, ref_model_mixup_alpha=1.0,
         num_train_epochs=d.epochs, max_steps=d.max_steps, per_device_train_batch_size=d.batch_size,
         gradient_accumulation_steps=d.gradient_accumulation_steps, learning_rate=o.learning_rate,
         lr_scheduler_type=o.lr_scheduler_type, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
@@ -92,6 +104,11 @@ def make_trainer(cfg: DictConfig, model, ref_model, tokenizer, dataset, args):
     from transformers import PrinterCallback
     from trl import DPOTrainer
 
+    trainer_class = DPOTrainer
+    if cfg.dpo.loss_type == DUAL_CLIP:
+        from tsalign.dpo_trainer import dual_clip_trainer
+
+        trainer_class = dual_clip_trainer(*(float(x) for x in cfg.dpo.dual_clip))
     peft_config = None
     if cfg.dpo.lora:
         from peft import LoraConfig
@@ -101,8 +118,8 @@ def make_trainer(cfg: DictConfig, model, ref_model, tokenizer, dataset, args):
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # TRL tokenizes a few hundred rows: no bars for that
     try:
-        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
-                             processing_class=tokenizer, peft_config=peft_config)
+        trainer = trainer_class(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
+                                processing_class=tokenizer, peft_config=peft_config)
     finally:
         if bars:
             datasets.enable_progress_bars()

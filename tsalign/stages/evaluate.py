@@ -51,10 +51,18 @@ def judge_spec(cfg: DictConfig) -> DictConfig:
     return teacher_option(cfg.evaluate.judge) if cfg.evaluate.judge else cfg.teacher
 
 
+def policy_stage(cfg: DictConfig) -> str:
+    """The stage whose iter_<t>/<stage>/policy is judged (evaluate.policy_from)."""
+    if cfg.evaluate.policy_from not in ("dpo", "pdistill"):
+        raise TsalignError(f"evaluate.policy_from={cfg.evaluate.policy_from}: use dpo or pdistill")
+    return cfg.evaluate.policy_from
+
+
 def plan(cfg: DictConfig) -> Plan:
     t = cfg.iteration
-    inputs = {"policy": finished_output(cfg, t, "dpo", "policy", "evaluate"),
-              "student": finished_output(cfg, t, "distill", "student", "evaluate")}
+    inputs = {"policy": finished_output(cfg, t, policy_stage(cfg), "policy", "evaluate")}
+    if policy_stage(cfg) == "dpo":  # TS-Align's student_{t+1} is scored beside the judge
+        inputs["student"] = finished_output(cfg, t, "distill", "student", "evaluate")
     judge = OmegaConf.to_container(judge_spec(cfg), resolve=True)
     return Plan({**section(cfg, "policy", "teacher", "student", "sampler", "data", "evaluate"), "judge": judge}, inputs)
 
@@ -203,15 +211,17 @@ def run(ctx: StageContext) -> StageResult:
     ctrl_judged = with_verdict(ctrl_scores, control, base) if control else None
     ctrl = comparison(*ctrl_judged, e.tie_threshold, e.confidence, e.seed) if control and ctrl_judged[0] else None
 
-    student = open_scorer(cfg, cfg.student, ctx.inputs["student"])
-    student_scores = student.score_groups(prompts, [[a, b] for a, b in zip(policy, base)])
-    student.close()
-    agree = [student_agrees(s, Verdict(0, 1, 0.0) if m[0] > m[1] else Verdict(1, 0, 0.0))
-             for s, m in zip(student_scores, main_scores) if m[0] != m[1] and all(map(math.isfinite, m))]
+    student_scores, agree = [None] * len(prompts), []
+    if "student" in ctx.inputs:
+        student = open_scorer(cfg, cfg.student, ctx.inputs["student"])
+        student_scores = student.score_groups(prompts, [[a, b] for a, b in zip(policy, base)])
+        student.close()
+        agree = [student_agrees(s, Verdict(0, 1, 0.0) if m[0] > m[1] else Verdict(1, 0, 0.0))
+                 for s, m in zip(student_scores, main_scores) if m[0] != m[1] and all(map(math.isfinite, m))]
 
     metrics = {k: v for k, v in main.items() if k != "outcomes"}
     judge_is_teacher = same_model(spec, cfg.teacher)
-    metrics.update(policy=f"pi_{t + 1}", judge=spec.name, judge_is_teacher=judge_is_teacher,
+    metrics.update(policy=f"pi_{t + 1}", policy_from=policy_stage(cfg), judge=spec.name, judge_is_teacher=judge_is_teacher,
                    student_agreement=statistics.fmean(agree) if agree else None, agreement_pairs=len(agree),
                    mean_length={"policy": statistics.fmean(map(len, policy)), "base": statistics.fmean(map(len, base))},
                    empty_answers={"policy": sum(not a.strip() for a in policy), "base": sum(not a.strip() for a in base)},

@@ -82,15 +82,22 @@ def accelerate_config_file(name: str) -> Path:
 
 def stage_launcher(cfg: DictConfig, stage: str) -> list[str]:
     """The command that starts a stage: `python -m tsalign.cli`, or under `accelerate launch` for the
-    training stages when launch.processes > 1 or an accelerate config is named."""
+    training stages when launch.processes > 1 or an accelerate config is named, and for generate when
+    launch.generate_processes > 1 (plain `--multi_gpu` processes, one prompt shard and one engine each;
+    the training stages' accelerate config is not theirs)."""
     plain = [sys.executable, "-m", "tsalign.cli"]
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
     launch = cfg.launch
+    if stage == "generate":
+        if launch.generate_processes <= 1:
+            return plain
+        return [*accelerate, "--multi_gpu", "--num_processes", str(launch.generate_processes), *plain[1:]]
     if stage not in MULTI_PROCESS_STAGES or (launch.processes <= 1 and not launch.accelerate_config):
         return plain
     config = ["--config_file", str(accelerate_config_file(launch.accelerate_config))] if launch.accelerate_config \
         else ["--multi_gpu"]  # torchrun-style processes; on a CPU machine they train over gloo
     processes = ["--num_processes", str(launch.processes)] if launch.processes > 1 else []
-    return [sys.executable, "-m", "accelerate.commands.launch", *config, *processes, *plain[1:]]
+    return [*accelerate, *config, *processes, *plain[1:]]
 
 
 def run_loop(cfg: DictConfig, task_overrides: list[str] | None = None) -> None:

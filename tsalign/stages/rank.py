@@ -10,6 +10,7 @@ conversational preference format + margin and provenance) and metrics.json.
 
 from __future__ import annotations
 
+import collections
 import math
 import random
 import statistics
@@ -34,6 +35,7 @@ from tsalign.lineage import experiment_dir, finished_output, student_source
 from tsalign.preference import pairs_longer_wins
 from tsalign.scoring.resumable import score_resumably
 from tsalign.selection import (
+    correct,
     decide,
     most_uncertain,
     shortlist,
@@ -162,6 +164,8 @@ def run(ctx: StageContext) -> StageResult:
 
     score_rows, pairs, no_pair, agreement = [], [], {"too_few_distinct": 0, "tie": 0, "no_complete_answer": 0,
                                                  "cut_preferred": 0, "over_budget": 0, "no_verdict": 0}, []
+    sources = [[c.get("source", "policy") for c in r["candidates"]] for r in rows]
+    corrections = {"agreed": 0, "overridden": 0, "filtered": 0}
     for i, row in enumerate(rows):
         by_student = i in tplan.by_student
         judge = [student_scores[i][k] for k in shortlists[i]] if by_student else teacher_scores[i]
@@ -187,6 +191,13 @@ def run(ctx: StageContext) -> StageResult:
                            "rejected": verdict.rejected if verdict else None})
         if verdict is None:
             continue
+        verdict, corrected = correct(verdict, sources[i], cfg.rank.correction)
+        if corrected:
+            corrections[corrected] += 1
+            score_rows[-1]["correction"] = corrected
+        if verdict is None:
+            no_pair["against_label"] = no_pair.get("against_label", 0) + 1
+            continue
         if not by_student:  # the student trivially agrees with its own pairs
             agreement.append(student_agrees(student_scores[i], verdict))
         pairs.append({
@@ -198,6 +209,7 @@ def run(ctx: StageContext) -> StageResult:
             if by_student else cfg.teacher.name, "student": student_label,
             "rejected_cut": rows[i]["candidates"][verdict.rejected].get("finish_reason") == "length",
             "chosen_cut": rows[i]["candidates"][verdict.chosen].get("finish_reason") == "length",
+            "chosen_source": sources[i][verdict.chosen], "rejected_source": sources[i][verdict.rejected],
         })
 
     metrics = {
@@ -216,6 +228,8 @@ def run(ctx: StageContext) -> StageResult:
         "teacher_scores": describe([s for ts in teacher_scores for s in ts if math.isfinite(s)]),
         "mean_margin": statistics.fmean(p["margin"] for p in pairs) if pairs else None,
         "chosen_longer_rate": pairs_longer_wins(pairs) if pairs else None,
+        "correction": {"mode": cfg.rank.correction, **corrections},
+        "pair_sources": dict(collections.Counter(f"{p['chosen_source']}>{p['rejected_source']}" for p in pairs)),
     }
     if is_served(cfg.teacher):
         metrics["served"] = cost_report(teacher_stats, cfg.teacher.served)
@@ -234,6 +248,8 @@ def run(ctx: StageContext) -> StageResult:
          "rejected": p["rejected"][0]["content"], "margin": p["margin"],
          "student_chosen": student_scores[i][p["chosen_index"]], "student_rejected": student_scores[i][p["rejected_index"]]}
         for i, p in [(ids.index(p["prompt_id"]), p) for p in pairs[:SAMPLE_ROWS]]])
+    if cfg.rank.correction != "none":
+        print(f"[rank] preference correction ({cfg.rank.correction}): verdicts on labelled pairs {corrections}")
     agree = metrics["student_teacher_agreement"]
     print(f"[rank] {len(pairs)} pairs from {len(rows)} prompts ({no_pair}), teacher calls {teacher_stats['calls']}"
           f" (student {student_stats['calls']}), agreement {'n/a' if agree is None else f'{agree:.2f}'}")
