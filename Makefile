@@ -62,8 +62,13 @@ test: setup $(LAUNCHERS_STAMP)   # the launcher tests run sweeps for real: they 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# issue 15: stage overhead vs the plain library calls, shortlist cost vs quality, per-stage share and peak memory;
+# prints markdown tables, writes benchmarks/results.json (< 20 min on 2 cores). `make bench BENCH_ARGS=--quick`
+# is a ~3 min smoke run; any size is a flag (python benchmarks/bench.py --help). Sampler speed alone:
+# python benchmarks/generate_speed.py
+BENCH_ARGS ?=
 bench: setup
-	$(PY) benchmarks/generate_speed.py
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check tsalign tests

@@ -472,7 +472,7 @@ def test_distill_mixes_in_student_0s_own_human_pairs(ts, tmp_path, capsys):
         cfg.student.fit = FitSpec(data=str(data), holdout=2, epochs=1, batch_size=4, max_length=64, train_range=[0.5, 1.0])
         return run_stage(cfg, "distill")["counts"]
 
-    anchored, alone = distill(), distill("distill.human_anchor=false")
+    anchored, alone = distill("distill.human_anchor=true"), distill()
     assert anchored["human_anchor_pairs"] == 4 and alone["human_anchor_pairs"] == 0
     assert anchored["train_pairs"] == alone["train_pairs"] + 4
     assert "4 human anchor" in capsys.readouterr().out

@@ -199,8 +199,9 @@ class DistillConfig:
     human_data: str = "llamafactory_dpo"
     replay: Replay = Replay.all  # earlier iterations' pairs mixed in
     # student_0's own human pairs (student.fit) mixed into every distill, so the teacher's few pairs per
-    # iteration add to what the student learnt from humans instead of overwriting it
-    human_anchor: bool = True
+    # iteration add to what the student learnt from humans instead of overwriting it (eval128 turns it on;
+    # off by default: 9x the distill steps of `make run`, and no held-out gain measured yet)
+    human_anchor: bool = False
     holdout_fraction: float = 0.2
     use_margin: bool = False
     epochs: int = 3
