@@ -101,9 +101,12 @@ def run(ctx: StageContext) -> StageResult:
             sample_rows(sampler, prompts, params, partial, who, size,
                         lambda done, tok_s: ctx.tracker.log({"generate/prompts_done": done, "generate/tok_s": tok_s}),
                         shard=shard, shards=shards)
+            t2 = time.time()  # sampling ends here: shutting a vLLM engine down takes seconds, timed apart
         finally:
+            closing = time.time()
             sampler.close()
-        return {**stats, "model_load_s": round(t1 - t0, 2), "sample_s": round(time.time() - t1, 2)}
+        return {**stats, "model_load_s": round(t1 - t0, 2), "sample_s": round(t2 - t1, 2),
+                "close_s": round(time.time() - closing, 2)}
 
     # pi_t's K answers, then each model of TSO's matrix (its own seed and work file); an error in any
     # shard stops every process
@@ -130,7 +133,8 @@ def run(ctx: StageContext) -> StageResult:
     flat = [s for shards_of_source in per_shard for s in shards_of_source]
     load_s, sample_s = max(s["model_load_s"] for s in flat), sum(max(s["sample_s"] for s in p) for p in per_shard)
     # null when every prompt was sampled by an earlier attempt (nothing timed in this one)
-    counts.update(processes=shards, model_load_s=load_s, sample_s=round(sample_s, 2),
+    close_s = round(sum(max(s.get("close_s", 0.0) for s in p) for p in per_shard), 2)
+    counts.update(processes=shards, model_load_s=load_s, sample_s=round(sample_s, 2), close_s=close_s,
                   tokens_per_s=round(counts["generated_tokens"] / sample_s, 1) if sample_s else None)
     ctx.tracker.log({f"generate/{k}": v for k, v in counts.items()})
     print(f"[generate] {counts['prompts']} prompts x K={params.n}: {counts['candidates']} candidates, "
