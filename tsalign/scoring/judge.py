@@ -133,12 +133,17 @@ class JudgeScorer(PairwiseJudge):
 
     @torch.no_grad()
     def _first_probs(self, items: list[tuple[list[dict], str, str]]) -> list[float]:
-        out = []
-        for start in range(0, len(items), self.batch_size):
-            feats = [{"input_ids": self._render(*it)} for it in items[start : start + self.batch_size]]
+        rendered = [self._render(*it) for it in items]
+        order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))  # length-sorted: little padding
+        out = [0.0] * len(rendered)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            feats = [{"input_ids": rendered[i]} for i in chunk]
             batch = {k: v.to(self.device) for k, v in self.tokenizer.pad(feats, return_tensors="pt").items()}
-            logits = self.model(**batch).logits[:, -1, self.choice_ids].float()  # left padding: last is real
-            out += torch.softmax(logits, dim=-1)[:, 0].tolist()
+            # vocabulary logits at the last position only (left padding: it is real), not at every position
+            logits = self.model(**batch, logits_to_keep=1).logits[:, -1, self.choice_ids].float()
+            for i, p in zip(chunk, torch.softmax(logits, dim=-1)[:, 0].tolist()):
+                out[i] = p
         return out
 
     def close(self) -> None:
