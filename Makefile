@@ -16,7 +16,7 @@ VLLM ?= 0
 LAUNCHERS ?= 0
 LAUNCHERS_STAMP := $(VENV)/.launchers-done
 
-.PHONY: setup run eval test test-fast bench lint clean
+.PHONY: setup run eval test test-fast bench compare lint clean
 SAMPLER = $$($(PY) -c "import importlib.util as u; print('vllm' if u.find_spec('vllm') else 'hf')")
 
 setup: $(STAMP) $(if $(filter 1,$(VLLM)),$(VLLM_STAMP)) $(if $(filter 1,$(LAUNCHERS)),$(LAUNCHERS_STAMP))
@@ -69,6 +69,12 @@ test-fast: setup
 BENCH_ARGS ?=
 bench: setup
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# TS-Align, TSO, DCKD, ADPA, ADPA+DCKD on the same prompts, one table (~35 min on 2 cores; COMPARE_ARGS=--quick
+# for a smoke run); writes benchmarks/compare.json
+COMPARE_ARGS ?=
+compare: setup
+	$(PY) benchmarks/compare_methods.py $(COMPARE_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check tsalign tests

@@ -544,7 +544,7 @@ class Bench:
             source / "iter_0" / "generate" / "candidates.jsonl", "--max-length", t.max_length, "--batch-size",
             t.batch_size, "--repeats", max(s.repeats, 2), "--judge", base_model_dir(cfg, cfg.policy),
             "--judge-items", s.judge_items])
-        # the judge's peak memory as it is and as proposed, each alone in its process
+        # the judge's peak memory as it was and as it is (JudgeScorer._first_probs), each alone in its process
         memory = alternate({v: lambda r, v=v: self.plain(f"scoring_judge_{v}_{r}", [
             "judge-once", "--judge", base_model_dir(cfg, cfg.policy), "--candidates",
             source / "iter_0" / "generate" / "candidates.jsonl", "--judge-items", s.judge_items, "--variant", v])
@@ -778,9 +778,9 @@ def tables(res: dict) -> dict[str, str]:
         mem = ok("scoring").get("judge_memory")
         if mem:
             out["scoring"] += "\n\n" + md(["judge (one process each)", "peak memory GB (tree)", "max RSS GB"], [
-                ["as it is (arrival order, logits at every position)", mem["arrival"]["peak_tree_gb"],
+                ["as it was (arrival order, logits at every position)", mem["arrival"]["peak_tree_gb"],
                  mem["arrival"]["max_rss_gb"]],
-                ["proposed (length-sorted, logits_to_keep=1)", mem["fixed"]["peak_tree_gb"], mem["fixed"]["max_rss_gb"]]])
+                ["as it is (length-sorted, logits_to_keep=1)", mem["fixed"]["peak_tree_gb"], mem["fixed"]["max_rss_gb"]]])
     return out
 
 

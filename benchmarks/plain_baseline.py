@@ -16,8 +16,8 @@ pair. dpo: TRL's DPOTrainer called directly on a pairs file (use_cpu=True, bf16=
 gradient_checkpointing=False, no checkpoints). evaluate: the policy and the base answer each prompt
 once, the reward model judges each pair. score-order is not a baseline: tsalign's own RewardModelScorer
 (and, with --judge, its JudgeScorer) called directly, with length-sorted batches vs arrival order (and the
-judge as proposed: sorted, LM head on the last position only); judge-once runs one of those judge variants
-alone in a process, for its peak memory.
+judge as it was before its fix vs as it is: sorted, LM head on the last position only); judge-once runs one
+of those judge variants alone in a process, for its peak memory.
 
 Prompts files are JSON lists of {"prompt_id", "messages"}. Each command prints `RESULT {json}` last:
 its timings (load_s, the timed work, tokens) for bench.py to read.
@@ -323,41 +323,32 @@ def load_judge(a, rows: list[dict]):
 
 
 def judge_variants(judge, items: list) -> dict:
-    """name -> () -> (seconds, P(first) per item): tsalign's _first_probs on arrival order; the same on the
-    items sorted by rendered length; and the proposed _first_probs (rendered once, length-sorted, the LM head
-    on the last position only: logits_to_keep=1 instead of batch x length x vocab logits)."""
+    """name -> () -> (seconds, P(first) per item): the judge as it was before the fourth session's fix
+    (batches in arrival order, the LM head's logits at every position: "arrival"), the same on the items
+    sorted by rendered length ("sorted"), and tsalign's JudgeScorer._first_probs as it is now ("fixed":
+    rendered once, length-sorted, logits_to_keep=1, so only batch x 1 x vocab logits)."""
     import torch
 
-    order = sorted(range(len(items)), key=lambda i: len(judge._render(*items[i])))
-
-    def arrival() -> tuple[float, list[float]]:
-        t0 = time.perf_counter()
-        out = judge._first_probs(items)
-        return time.perf_counter() - t0, out
-
-    def by_length() -> tuple[float, list[float]]:
-        t0 = time.perf_counter()
-        probs = judge._first_probs([items[i] for i in order])
-        out = [0.0] * len(items)
-        for i, p in zip(order, probs):
-            out[i] = p
-        return time.perf_counter() - t0, out
-
-    def fixed() -> tuple[float, list[float]]:
+    def full_logits(length_sorted: bool) -> tuple[float, list[float]]:
         t0 = time.perf_counter()
         rendered = [judge._render(*it) for it in items]
-        mine = sorted(range(len(items)), key=lambda i: len(rendered[i]))
-        out = [0.0] * len(items)
+        order = sorted(range(len(items)), key=lambda i: len(rendered[i])) if length_sorted else range(len(items))
+        order, out = list(order), [0.0] * len(items)
         with torch.no_grad():
-            for s in range(0, len(mine), judge.batch_size):
-                idx = mine[s : s + judge.batch_size]
+            for s in range(0, len(order), judge.batch_size):
+                idx = order[s : s + judge.batch_size]
                 batch = judge.tokenizer.pad([{"input_ids": rendered[i]} for i in idx], return_tensors="pt")
-                logits = judge.model(**batch, logits_to_keep=1).logits[:, -1, judge.choice_ids].float()
+                logits = judge.model(**batch).logits[:, -1, judge.choice_ids].float()
                 for i, p in zip(idx, torch.softmax(logits, dim=-1)[:, 0].tolist()):
                     out[i] = p
         return time.perf_counter() - t0, out
 
-    return {"arrival": arrival, "sorted": by_length, "fixed": fixed}
+    def fixed() -> tuple[float, list[float]]:
+        t0 = time.perf_counter()
+        out = judge._first_probs(items)
+        return time.perf_counter() - t0, out
+
+    return {"arrival": lambda: full_logits(False), "sorted": lambda: full_logits(True), "fixed": fixed}
 
 
 def judge_order(a, rows: list[dict]) -> dict:

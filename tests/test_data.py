@@ -6,7 +6,15 @@ import json
 
 import pytest
 
-from tsalign.data import iteration_shard, load_human_pairs, load_prompt_pool, split_pairs, split_pool, train_slice
+from tsalign.data import (
+    iteration_shard,
+    load_human_labels,
+    load_human_pairs,
+    load_prompt_pool,
+    split_pairs,
+    split_pool,
+    train_slice,
+)
 from tsalign.errors import TsalignError
 
 
@@ -228,6 +236,19 @@ def test_human_pairs_embedded(cache_dir):
         assert p["chosen"] == [{"role": "assistant", "content": p["chosen"][0]["content"]}]
         assert p["rejected"][0]["role"] == "assistant"
     assert any(p["chosen"] != p["rejected"] for p in pairs)
+
+
+def test_human_labels_embedded_and_from_file(tmp_path, cache_dir):
+    rows = load_human_labels("llamafactory_kto", cache_dir)
+    assert len(rows) == 300 and sum(r["label"] for r in rows) == 150
+    assert all(r["prompt"][-1]["role"] == "user" and isinstance(r["response"], str) and r["response"] for r in rows)
+    path = tmp_path / "labels.jsonl"
+    path.write_text(json.dumps({"prompt": "Say hi", "response": "Hi!", "label": True}) + "\n")
+    assert load_human_labels(str(path), cache_dir) == [
+        {"prompt": [{"role": "user", "content": "Say hi"}], "response": "Hi!", "label": True}]
+    path.write_text(json.dumps({"prompt": "Say hi", "response": "Hi!", "label": "yes"}) + "\n")
+    with pytest.raises(TsalignError, match="row 1: labelled responses need prompt, response and a true/false label"):
+        load_human_labels(str(path), cache_dir)
 
 
 def test_human_pairs_from_file(tmp_path, cache_dir):

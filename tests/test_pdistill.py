@@ -72,6 +72,7 @@ def test_dckd_end_to_end_caches_the_teacher_once(outputs, capsys):
     assert m["config"]["teacher_policy_used"].endswith("sharp") and m["config"]["student_used"] == cfg.policy.name
     assert "reference" not in m["inputs"] and "teacher_policy" in m["inputs"]  # DCKD needs no reference
     assert c["pairs"] == c["pairs_used"] == 4 and c["dckd_steps"] == 3 and c["pairs_cache"] == "built"
+    assert c["teacher_calls"] == 8  # the teacher ran over each pair's chosen and rejected answer
     # the student moved toward the teacher on the chosen answers (and fits them better)
     assert c["dckd_kl_chosen_after"] < c["dckd_kl_chosen_before"] - 0.1
     assert c["dckd_kl_rejected_after"] < c["dckd_kl_rejected_before"]
@@ -115,11 +116,13 @@ def test_adpa_and_adpa_dckd_run(outputs):
     assert c["adpa_expected_advantage_after"] > c["adpa_expected_advantage_before"]  # the student follows A
     greedy = read_manifest(Path(a["teacher_caches"]["greedy"]))
     assert greedy["counts"]["reference"] is True and greedy["counts"]["sequences"] == 4
+    assert c["teacher_calls"] == 8  # teacher and reference over each of the 4 greedy answers
 
     _, both = pdistill(outputs, "method=adpa_dckd", name="adpa_dckd")
     c = both["counts"]
     assert c["dckd_steps"] == 3 and c["adpa_steps"] == 3
     assert c["greedy_cache"] == "reused"  # same student, teacher, reference and prompts as the ADPA run
+    assert c["teacher_calls"] == 8 + 8  # both caches: what the method asks of its teachers, built or reused
     assert c["dckd_kl_chosen_after"] < c["dckd_kl_chosen_before"]
 
 

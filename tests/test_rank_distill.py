@@ -275,6 +275,13 @@ def test_distill_writes_a_trained_one_output_student(ts):
     metrics = json.loads((out.parent / "metrics.json").read_text())
     assert metrics["label"] == "teacher" and metrics["replayed_pairs"] == 0
     assert metrics["train"]["loss_first"] is not None
+    # the student on the 300 human-labelled responses (distill.human_labels), before and after, and length's AUC
+    labels = metrics["human_labels"]
+    assert counts["human_labels_rows"] == labels["rows"] == 300
+    assert counts["human_labels_auc_after"] == round(labels["after"], 4) and 0.0 <= labels["after"] <= 1.0
+    assert labels["change"] == pytest.approx(labels["after"] - labels["before"])
+    assert labels["change_ci"][0] <= labels["change"] <= labels["change_ci"][1]
+    assert abs(labels["longer_auc"] - 0.5) < 0.05  # the data's good and bad answers have the same lengths
 
 
 def test_cut_answers_are_never_chosen_and_counted(ts):
@@ -401,7 +408,7 @@ def test_distill_on_human_pairs(tmp_path):
 
 
 def fit_config(ts, cache: Path, data: Path, *overrides: str):
-    cfg = configure(ts["outputs"], f"paths.cache={cache}", *overrides)
+    cfg = configure(ts["outputs"], f"paths.cache={cache}", "distill.human_labels=null", *overrides)  # no download
     cfg.teacher.fit = FitSpec(data=str(data), holdout=2, epochs=1, batch_size=4, max_length=64)
     return cfg
 
@@ -467,7 +474,8 @@ def test_distill_mixes_in_student_0s_own_human_pairs(ts, tmp_path, capsys):
     shutil.copytree(ts["exp"], outputs / "anchor")  # the same finished rank
 
     def distill(*overrides: str) -> dict:
-        cfg = configure(outputs, f"paths.cache={cache}", "stage=distill", "experiment_name=anchor", "redo=true", *overrides)
+        cfg = configure(outputs, f"paths.cache={cache}", "stage=distill", "experiment_name=anchor", "redo=true",
+                        "distill.human_labels=null", *overrides)
         cfg.teacher.fit = FitSpec(data=str(data), holdout=2, epochs=1, batch_size=4, max_length=64, train_range=[0.0, 0.5])
         cfg.student.fit = FitSpec(data=str(data), holdout=2, epochs=1, batch_size=4, max_length=64, train_range=[0.5, 1.0])
         return run_stage(cfg, "distill")["counts"]

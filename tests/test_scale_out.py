@@ -173,7 +173,7 @@ def test_joblib_sweep_on_an_empty_cache_builds_each_model_once(tmp_path, cache_d
     shutil.copy(cache_dir / "data" / "alpaca_eval.json", cache / "data" / "alpaca_eval.json")
     out = tmp_path / "outputs"
     done = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *FAST, f"paths.outputs={out}",
-                    f"paths.cache={cache}", "stage=loop", "seed=1,2"], timeout=1200)
+                    f"paths.cache={cache}", "distill.human_labels=null", "stage=loop", "seed=1,2"], timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert finished_jobs(out / "default") == ["seed=1", "seed=2"]
     logs = "".join(p.read_text() for p in out.rglob("*.log"))  # each stage's own log (hydra.run.dir)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tsalign.stats import mean_interval, outcome, win_rate
+from tsalign.stats import auc, auc_change, mean_interval, outcome, win_rate
 
 
 def test_outcome_with_tie_threshold():
@@ -155,3 +155,23 @@ def test_control_fails_for_a_judge_that_prefers_the_first_slot():
     assert not result["passed"]
     assert result["checks"]["position"]["value"] == 1.0 and not result["checks"]["position"]["passed"]
     assert result["checks"]["win_rate"]["passed"]  # averaging both orders hides it in the win rate
+
+
+def test_auc_by_hand_with_ties():
+    # positives 3, 1; negatives 2, 1: pairs (3>2) (3>1) (1<2) (1=1) -> (1 + 1 + 0 + 0.5) / 4
+    assert auc([3.0, 2.0, 1.0, 1.0], [True, False, True, False]) == pytest.approx(0.625)
+    assert auc([1.0, 2.0, 3.0], [False, True, True]) == 1.0 and auc([1.0, 2.0, 3.0], [True, False, False]) == 0.0
+    assert auc([5.0] * 4, [True, False, True, False]) == 0.5
+    assert math.isnan(auc([1.0, 2.0], [True, True]))  # no negatives: undefined, not 0 or 1
+
+
+def test_auc_change_is_paired_seeded_and_brackets_the_change():
+    labels = [i % 2 == 0 for i in range(40)]
+    before = [float(i % 7) for i in range(40)]  # unrelated to the label
+    after = [b + (3.0 if y else 0.0) for b, y in zip(before, labels)]  # the same rows, now the label shows
+    r = auc_change(before, after, labels, seed=1)
+    assert r["rows"] == 40 and r["after"] > r["before"] and r["change"] == pytest.approx(r["after"] - r["before"])
+    assert 0 < r["change_ci"][0] <= r["change"] <= r["change_ci"][1]
+    assert auc_change(before, after, labels, seed=1) == r
+    same = auc_change(before, before, labels, seed=1)
+    assert same["change"] == 0 and same["change_ci"] == [0.0, 0.0]  # paired: identical scores never differ

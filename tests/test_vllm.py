@@ -56,6 +56,12 @@ def test_sampler_judge_and_one_engine_at_a_time(tiny_policy):
         assert len({c.text for c in alone[0]}) > 1  # K samples differ
         greedy = sampler.generate(PROMPTS[:1], SamplingParams(n=2, temperature=0.0, max_new_tokens=8))
         assert greedy[0][0] == greedy[0][1]
+        # seeded prompts with more tokens than one step's budget (vLLM's 2048): with chunked prefill a split
+        # prompt made the CPU worker rewind its generator and die ("CPU Generator does not use offset")
+        distinct = [[{"role": "user", "content": " ".join(f"p{i}w{j}" for j in range(200))}] for i in range(8)]
+        long = sampler.generate(distinct, SamplingParams(n=2, temperature=0.8, max_new_tokens=4,
+                                                         max_prompt_tokens=480, seed=1))
+        assert [len(c) for c in long] == [2] * 8 and all(c[0].prompt_truncated for c in long)
     finally:
         sampler.close()
     assert engine._alive == []

@@ -202,6 +202,10 @@ class DistillConfig:
     # iteration add to what the student learnt from humans instead of overwriting it (eval128 turns it on;
     # off by default: 9x the distill steps of `make run`, and no held-out gain measured yet)
     human_anchor: bool = False
+    # a second, larger human check of the student: responses a human labelled good or bad (KTO data; neither
+    # the teacher's nor student_0's fit saw them, and length does not separate them): AUC before and after,
+    # with a paired bootstrap interval on the change. null = off
+    human_labels: Optional[str] = "llamafactory_kto"
     holdout_fraction: float = 0.2
     use_margin: bool = False
     epochs: int = 3

@@ -4,6 +4,7 @@ The embedded data ship in PyPI sdists (downloaded once by pip into the cache, ne
   alpaca_eval       805 AlpacaEval instructions      alpaca-eval 0.6.6 sdist, example/outputs.json
   alpaca            999 Alpaca instructions          llamafactory 0.9.5 sdist, data/alpaca_en_demo.json
   llamafactory_dpo  300 human preference pairs       llamafactory 0.9.5 sdist, data/dpo_en_demo.json
+  llamafactory_kto  300 responses labelled good/bad  llamafactory 0.9.5 sdist, data/kto_en_demo.json
 A prompt is {"prompt_id", "messages": [chat messages]}; the pool is split deterministically into a
 held-out evaluation shard and per-iteration training shards.
 """
@@ -28,6 +29,7 @@ SDISTS = {
     "alpaca_eval": ("alpaca-eval", "0.6.6", "alpaca_eval-0.6.6/example/outputs.json"),
     "alpaca": ("llamafactory", "0.9.5", "llamafactory-0.9.5/data/alpaca_en_demo.json"),
     "llamafactory_dpo": ("llamafactory", "0.9.5", "llamafactory-0.9.5/data/dpo_en_demo.json"),
+    "llamafactory_kto": ("llamafactory", "0.9.5", "llamafactory-0.9.5/data/kto_en_demo.json"),
 }
 
 
@@ -248,6 +250,21 @@ def load_human_pairs(name_or_path: str, cache_dir: str | Path) -> list[dict]:
             if isinstance(r[key], str):
                 r[key] = [{"role": "assistant", "content": r[key]}]
         r["prompt"] = _as_messages(r["prompt"], None, f"{name_or_path} row {i + 1}")
+    return rows
+
+
+def load_human_labels(name_or_path: str, cache_dir: str | Path) -> list[dict]:
+    """Single responses a human labelled desirable or not (KTO's format): {prompt: messages, response, label}."""
+    if name_or_path == "llamafactory_kto":
+        raw = json.loads(embedded_file("llamafactory_kto", cache_dir).read_text())
+        return [{"prompt": ex["messages"][:-1], "response": ex["messages"][-1]["content"], "label": bool(ex["label"])}
+                for ex in raw]
+    rows = _read_rows(Path(name_or_path).expanduser())
+    for i, r in enumerate(rows):
+        where = f"{name_or_path} row {i + 1}"
+        if not {"prompt", "response", "label"} <= set(r) or not isinstance(r["label"], bool):
+            raise TsalignError(f"{where}: labelled responses need prompt, response and a true/false label")
+        r["prompt"] = _as_messages(r["prompt"], None, where)
     return rows
 
 

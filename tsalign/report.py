@@ -202,7 +202,8 @@ def plots_png(rows: list[dict], title: str) -> bytes:
         if pts:
             axes[1].plot(*zip(*pts), marker=marker, label=label)
     axes[1].set(title="student-teacher agreement", ylim=(0, 1))
-    axes[1].legend(fontsize=8)
+    if axes[1].get_legend_handles_labels()[0]:  # nothing to name when no agreement was measured
+        axes[1].legend(fontsize=8)
     axes[2].bar(x, [r["teacher_calls"] or 0 for r in rows], color="tab:gray", alpha=0.6, label="teacher calls")
     axes[2].set(title="teacher calls (bars), DPO loss (line)")
     loss = [(r["iteration"], r["dpo_loss_mean"]) for r in rows if r["dpo_loss_mean"] is not None]

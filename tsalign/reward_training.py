@@ -125,6 +125,16 @@ def pair_accuracy(model_dir: Path, pairs: list[dict], max_length: int = 256, dev
     return {"pairs": len(pairs), "accuracy": pairwise_accuracy(chosen, rejected), "longer_wins": pairs_longer_wins(pairs)}
 
 
+def label_scores(model_dir: Path, rows: list[dict], max_length: int = 256, device: str = "cpu",
+                 seed: int = 0) -> list[float]:
+    """A reward model's score of each labelled response (rows of tsalign.data.load_human_labels)."""
+    scorer = RewardModelScorer(model_dir, device=device, max_length=max_length, seed=seed)
+    try:
+        return scorer.score_texts([r["prompt"] for r in rows], [r["response"] for r in rows])
+    finally:
+        scorer.close()
+
+
 def fit_pairs(fit: dict, cache_dir: Path) -> tuple[list[dict], list[dict]]:
     """A fit recipe's (train, held_out) human pairs: its train_range share of what the hold-out leaves."""
     from tsalign.data import load_human_pairs, split_pairs, train_slice

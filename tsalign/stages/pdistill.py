@@ -439,6 +439,12 @@ def train(ctx: StageContext, s: Setup, examples: dict[str, list[Example]]) -> tu
     return model, counts
 
 
+def teacher_calls(caches: dict) -> int:
+    """Sequences a teacher LM ran over (the aligned teacher, and its reference on ADPA's greedy answers), built
+    now or reused from the cache: what this method asks of its teacher, as rank's teacher_calls does of TS-Align's."""
+    return sum(len(c.sequences) * (2 if name == "greedy" else 1) for name, c in caches.items())
+
+
 def run(ctx: StageContext) -> StageResult:
     from tsalign.models import load_tokenizer, pick_device
 
@@ -475,6 +481,7 @@ def run(ctx: StageContext) -> StageResult:
     counts = {"pairs": len(pairs), "pairs_used": len(kept), "pairs_dropped": len(pairs) - len(kept),
               **{f"{name}_cache": "reused" if c.reused else "built" for name, c in caches.items()},
               **{f"{name}_response_tokens": int(c.tensors["offsets"][-1]) for name, c in caches.items()},
+              "teacher_calls": teacher_calls(caches),
               **trained, "teacher_s": round(teacher_s, 2), "train_s": round(time.time() - t1, 2)}
     ctx.tracker.log({f"pdistill/{k}": v for k, v in counts.items() if isinstance(v, (int, float))})
     extra = {"device": s.device, **{f"{k}_dir": str(v) for k, v in dirs.items()},
