@@ -59,23 +59,21 @@ class Compare:
     def experiment(self, method: str) -> Path:
         return self.root / f"cmp_{method}"
 
-    def run(self, method: str) -> dict:
-        runs = []
+    def commands(self, method: str) -> list[tuple[str, list[str]]]:
+        """(label, tsalign overrides) of each command a method runs, in order."""
+        loop = lambda m: (m, ["stage=loop", "iterations=1", f"method={m}", f"experiment_name=cmp_{m}"])  # noqa: E731
         if method in LOOP_METHODS:
-            runs.append(self.tsalign(method, ["stage=loop", "iterations=1", f"method={method}",
-                                              f"experiment_name=cmp_{method}"]))
-        else:
-            teacher = self.experiment("ts_align")
-            if read_manifest(teacher, "dpo") is None:
-                runs.append(self.tsalign("ts_align", ["stage=loop", "iterations=1", "method=ts_align",
-                                                      "experiment_name=cmp_ts_align"]))
-            name = [f"experiment_name=cmp_{method}", "iteration=0"]
-            runs.append(self.tsalign(method, ["stage=pdistill", f"method={method}", *name,
-                                              "pdistill.teacher_policy=cmp_ts_align:pi_1",
-                                              f"pdistill.data={teacher / 'iter_0' / 'rank' / 'pairs.jsonl'}"]))
-            runs.append(self.tsalign(f"{method}_evaluate", ["stage=evaluate", "evaluate.policy_from=pdistill",
-                                                            *name]))
-        return self.row(method, runs)
+            return [loop(method)]
+        teacher = self.experiment("ts_align")
+        first = [] if read_manifest(teacher, "dpo") else [loop("ts_align")]  # the aligned teacher pi_T
+        name = [f"experiment_name=cmp_{method}", "iteration=0"]
+        return [*first,
+                (method, ["stage=pdistill", f"method={method}", *name, "pdistill.teacher_policy=cmp_ts_align:pi_1",
+                          f"pdistill.data={teacher / 'iter_0' / 'rank' / 'pairs.jsonl'}"]),
+                (f"{method}_evaluate", ["stage=evaluate", "evaluate.policy_from=pdistill", *name])]
+
+    def run(self, method: str) -> dict:
+        return self.row(method, [self.tsalign(label, overrides) for label, overrides in self.commands(method)])
 
     def row(self, method: str, runs: list[dict]) -> dict:
         exp = self.experiment(method)
@@ -88,19 +86,28 @@ class Compare:
         else:
             calls, unit = manifests["pdistill"]["counts"].get("teacher_calls"), "teacher-LM sequences"
             pairs = manifests["pdistill"]["counts"].get("pairs_used")
+        metrics = exp / "iter_0" / "evaluate" / "metrics.json"
+        control = json.loads(metrics.read_text()).get("control") or {} if metrics.is_file() else {}
+        failed = [name for name, check in (control.get("checks") or {}).items() if not check.get("passed")]
         return {"method": method, "n": ev.get("n"), "win_rate": ev.get("win_rate"),
                 "ci": [ev.get("ci_low"), ev.get("ci_high")], "lc_win_rate": ev.get("lc_win_rate"),
                 "reward_delta": ev.get("reward_delta"), "reward_delta_ci": ev.get("reward_delta_ci"),
                 "control_win_rate": ev.get("control_win_rate"), "control_passed": ev.get("control_passed"),
+                "control_failed_checks": failed,
                 "judge_is_teacher": ev.get("judge_is_teacher"), "pairs": pairs, "teacher_calls": calls,
                 "teacher_calls_unit": unit, "train_wall_s": round(sum(train.values()), 1), "stage_wall_s": train,
                 "evaluate_wall_s": (manifests["evaluate"] or {}).get("wall_time_s"),
-                "peak_tree_gb": max((r["peak_tree_gb"] for r in runs), default=None),
-                "commands": [r["cmd"] for r in runs]}
+                "peak_tree_gb": max((r["peak_tree_gb"] for r in runs), default=None),  # None: collected, not run
+                "commands": [r["cmd"] for r in runs] or [" ".join(o) for _, o in self.commands(method)]}
 
 
 def _f(v, digits: int = 3, sign: str = "") -> str:
     return "-" if v is None else f"{v:{sign}.{digits}f}"
+
+
+def control_note(row: dict) -> str:
+    failed = row.get("control_failed_checks") or []
+    return f" ({', '.join(failed)} check failed)" if failed else " (failed)" if row["control_passed"] is False else ""
 
 
 def render(result: dict) -> str:
@@ -108,14 +115,16 @@ def render(result: dict) -> str:
              "teacher calls | train wall (s) | evaluate (s) |", "|" + " --- |" * 10]
     for r in result["rows"]:
         rd = r["reward_delta_ci"] or [None, None]
-        lines.append(f"| {r['method']} | {r['n']} | {_f(r['win_rate'])} [{_f(r['ci'][0], 2)}, {_f(r['ci'][1], 2)}] | "
-                     f"{_f(r['lc_win_rate'])} | {_f(r['reward_delta'], 4, '+')} [{_f(rd[0], 4, '+')}, {_f(rd[1], 4, '+')}] | "
-                     f"{_f(r['control_win_rate'])}{'' if r['control_passed'] is not False else ' (failed)'} | "
-                     f"{r['pairs']} | {r['teacher_calls']} {r['teacher_calls_unit']} | {_f(r['train_wall_s'], 1)} | "
+        win = f"{_f(r['win_rate'])} [{_f(r['ci'][0], 2)}, {_f(r['ci'][1], 2)}]"
+        reward = f"{_f(r['reward_delta'], 4, '+')} [{_f(rd[0], 4, '+')}, {_f(rd[1], 4, '+')}]"
+        lines.append(f"| {r['method']} | {r['n']} | {win} | {_f(r['lc_win_rate'])} | {reward} | "
+                     f"{_f(r['control_win_rate'])}{control_note(r)} | {r['pairs']} | "
+                     f"{r['teacher_calls']} {r['teacher_calls_unit']} | {_f(r['train_wall_s'], 1)} | "
                      f"{_f(r['evaluate_wall_s'], 1)} |")
     judge = "the training teacher" if all(r["judge_is_teacher"] for r in result["rows"]) else "see judge_is_teacher"
     lines.append(f"\nJudge: {judge}. Overrides for every command: {' '.join(result['overrides']) or '(none)'}. "
-                 f"Policy-distillation rows use ts_align's pi_1 as their teacher; its training time is not in their row.")
+                 "Policy-distillation rows use ts_align's pi_1 as their teacher; its training time is not in "
+                 "their row.")
     return "\n".join(lines)
 
 
@@ -129,6 +138,8 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="delete --outputs first (else finished stages are kept)")
     ap.add_argument("--out", default="benchmarks/compare.json")
     ap.add_argument("--render", action="store_true", help="print the table of --out and stop")
+    ap.add_argument("--collect", action="store_true",
+                    help="build the table from the finished outputs without running anything (no peak memory)")
     a = ap.parse_args()
     out = REPO / a.out
     if a.render:
@@ -138,13 +149,15 @@ def main() -> None:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         sys.exit(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    if a.collect and a.fresh:
+        sys.exit("--collect reads the finished outputs that --fresh would delete: pass one of them")
     compare = Compare(a)
     if a.fresh:
         shutil.rmtree(compare.root, ignore_errors=True)
     result = {"command": " ".join(["python benchmarks/compare_methods.py", *sys.argv[1:]]),
               "overrides": [f"sampler={a.sampler}", *compare.common], "rows": []}
     for method in methods:
-        result["rows"].append(compare.run(method))
+        result["rows"].append(compare.row(method, []) if a.collect else compare.run(method))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))  # after each method: an interrupted run keeps what it measured
     print(render(result))

@@ -117,7 +117,8 @@ def run(ctx: StageContext) -> StageResult:
     def scores(model_dir: Path) -> list[float]:
         return label_scores(model_dir, labelled, d.max_length, device, cfg.student.seed) if labelled else []
 
-    before, human_before, labels_before = accuracy(student_dir, held_out), accuracy(student_dir, human), scores(student_dir)
+    before, human_before = accuracy(student_dir, held_out), accuracy(student_dir, human)
+    labels_before = scores(student_dir)
     out = out_dir / "student"
     train_stats = train_reward_model(student_dir, out, train, epochs=d.epochs, batch_size=d.batch_size,
                                      learning_rate=d.learning_rate, max_length=d.max_length,

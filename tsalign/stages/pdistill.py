@@ -440,8 +440,9 @@ def train(ctx: StageContext, s: Setup, examples: dict[str, list[Example]]) -> tu
 
 
 def teacher_calls(caches: dict) -> int:
-    """Sequences a teacher LM ran over (the aligned teacher, and its reference on ADPA's greedy answers), built
-    now or reused from the cache: what this method asks of its teacher, as rank's teacher_calls does of TS-Align's."""
+    """Sequences a teacher LM ran over (the aligned teacher, and its reference on ADPA's greedy answers),
+    built now or reused from the cache: what this method asks of its teachers, as rank's teacher_calls
+    counts what TS-Align asks of its own."""
     return sum(len(c.sequences) * (2 if name == "greedy" else 1) for name, c in caches.items())
 
 
