@@ -106,13 +106,17 @@ def run(ctx: StageContext) -> StageResult:
     student_dir = ctx.inputs.get("student") or student_base_dir(cfg)
     human = human_eval_pairs(cfg) if reports_teacher_holdout(cfg) else []
 
+    # held-out figures on the main process only: the others do not save the student (so cannot load it
+    # after training) and write no metrics
+    main = distributed.is_main()
+
     def accuracy(model_dir: Path, pairs: list[dict]) -> dict | None:
-        return pair_accuracy(model_dir, pairs, d.max_length, device, cfg.student.seed) if pairs else None
+        return pair_accuracy(model_dir, pairs, d.max_length, device, cfg.student.seed) if pairs and main else None
 
     def log_step(step: int, values: dict) -> None:
         tracker.log({f"distill/{k}": v for k, v in values.items()}, step=step)
 
-    labelled = load_human_labels(d.human_labels, cfg.paths.cache) if d.human_labels else []
+    labelled = load_human_labels(d.human_labels, cfg.paths.cache) if d.human_labels and main else []
 
     def scores(model_dir: Path) -> list[float]:
         return label_scores(model_dir, labelled, d.max_length, device, cfg.student.seed) if labelled else []
