@@ -51,12 +51,17 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
 
 
-def context_length(model_dir: Path) -> int:
-    """The model's context (what vLLM takes as max_model_len when none is given)."""
+def context_length(model_dir: Path) -> int | None:
+    """The model's context (what vLLM takes as max_model_len when none is given); None if config.json does
+    not say (multimodal models keep it under text_config)."""
     import json
 
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    return int(config.get("max_position_embeddings") or DEFAULT_TOKEN_BUDGET)
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    found = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+    return int(found) if found else None
 
 
 def start_engine(model_dir: Path, *, kv_cache_gib: float | None = None, enforce_eager: bool | None = None,
@@ -73,9 +78,9 @@ def start_engine(model_dir: Path, *, kv_cache_gib: float | None = None, enforce_
         kv_cache_gib = CPU_KV_CACHE_GIB
     if kv_cache_gib is not None:
         options["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
-    if cpu and "enable_chunked_prefill" not in options:
+    context = options.get("max_model_len") or (context_length(model_dir) if cpu else None)
+    if cpu and context and "enable_chunked_prefill" not in options:  # unknown context: vLLM's defaults
         options["enable_chunked_prefill"] = False
-        context = options.get("max_model_len") or context_length(model_dir)
         options.setdefault("max_num_batched_tokens", max(context, DEFAULT_TOKEN_BUDGET))
     try:
         llm = vllm.LLM(model=str(model_dir), tokenizer=str(model_dir), enforce_eager=enforce_eager, **options)
