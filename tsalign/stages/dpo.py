@@ -59,6 +59,17 @@ def trained_dtype(cfg: DictConfig) -> str:
     return cfg.policy.dtype if cfg.dpo.lora else "float32"
 
 
+def reference_model(cfg: DictConfig, policy_dir: Path) -> tuple[Path | None, str]:
+    """(folder, dtype) of the reference model this stage loads, or (None, _) with LoRA, where the
+    reference is the policy with its adapter disabled. Loaded here rather than left to TRL, which
+    copies the trained policy's dtype: fp32 master weights would double the reference's memory
+    (32 GB instead of 16 for an 8B policy in bf16)."""
+    if cfg.dpo.lora:
+        return None, str(cfg.policy.dtype)
+    initial = cfg.dpo.reference == Reference.initial
+    return (base_model_dir(cfg, cfg.policy) if initial else policy_dir), str(cfg.policy.dtype)
+
+
 def training_args(cfg: DictConfig, output_dir: Path, device: str, report_to: list[str]):
     import torch
     from trl import DPOConfig
@@ -239,8 +250,8 @@ def run(ctx: StageContext) -> StageResult:
     model = load_causal_lm(model_dir, trained_dtype(cfg), device)
     largest_before = largest_weight(model)  # a weight blow-up is divergence too (tsalign.divergence)
     use_cache = model.config.use_cache  # Trainer turns it off for training; the saved policy gets it back
-    ref_dir = base_model_dir(cfg, cfg.policy) if cfg.dpo.reference == Reference.initial else None
-    ref_model = load_causal_lm(ref_dir, cfg.policy.dtype, device) if ref_dir else None  # None: TRL uses pi_t
+    ref_dir, ref_dtype = reference_model(cfg, model_dir)
+    ref_model = load_causal_lm(ref_dir, ref_dtype, device) if ref_dir else None  # None: the adapter disabled
     load_s = time.time() - t0
 
     # the main process clears stale checkpoints; every process resumes from the same one
@@ -275,6 +286,7 @@ def run(ctx: StageContext) -> StageResult:
           f"{counts['s_per_step']} s/step")
     extra = {"policy": label, "policy_dir": str(model_dir), "reference": str(cfg.dpo.reference),
              "reference_model": reference_label(cfg, label), "reference_dir": str(ref_dir or model_dir),
+             "reference_dtype": str(ref_model.dtype).removeprefix("torch.") if ref_model is not None else None,
              "lora": cfg.dpo.lora, "device": device}
     return StageResult(counts, {"policy": out_dir / "policy"}, extra)
 
