@@ -225,3 +225,52 @@ def test_gpu_check_reports_the_line_that_says_what_failed():
     hydra_tail = "\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.\n"
     assert last_error("loading\ntsalign: error: dpo.max_length=9000 is longer" + hydra_tail).startswith("tsalign: error")
     assert last_error("Traceback\n  File x\nImportError: cannot import name 'y'" + hydra_tail).startswith("ImportError")
+
+
+# ---------------------------------------------------------------- settled "likely" items (see tests/test_gpu_likely.py too)
+
+
+def test_deberta_with_relative_positions_reads_past_its_trained_length():
+    """DeBERTa-v3 (position_biased_input false) has no absolute position table: 1024 tokens run (checked on a
+    tiny DebertaV2 in tests/test_gpu_likely.py); with absolute positions 512 is a hard limit."""
+    from tsalign.preflight import positions
+
+    assert positions(DEBERTA_V3_LARGE) is None
+    assert positions({**DEBERTA_V3_LARGE, "position_biased_input": True}) == 512
+    assert positions(LLAMA_8B) == 131072
+
+
+def test_fsdp_cpu_ram_efficient_loading_is_refused_for_full_dpo(compose):
+    from tsalign.stages import dpo
+
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
+    with pytest.raises(TsalignError, match="reference zero-filled"):
+        dpo.check_fsdp_loading(compose([]), env)
+    dpo.check_fsdp_loading(compose([]), {**env, "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"})
+    dpo.check_fsdp_loading(compose(["dpo.lora=true"]), env)  # LoRA: no separate reference
+
+
+def test_a_lora_adapter_gathered_from_sharded_weights_is_merged_into_a_fresh_base(tmp_path, compose):
+    """Under ZeRO-3 / FSDP the adapter is saved gathered (Trainer.save_model) and merged on the main process into
+    the base loaded afresh: in place, PEFT would add into empty ZeRO-3 partitions (shape-[0] weights)."""
+    from peft import LoraConfig, get_peft_model
+
+    from tsalign.divergence import largest_weight
+    from tsalign.lineage import base_model_dir
+    from tsalign.models import load_causal_lm, load_tokenizer
+    from tsalign.stages import dpo
+
+    cfg = compose(["model=tiny", "dpo.lora=true"])
+    base = base_model_dir(cfg, cfg.policy)
+    torch.manual_seed(0)
+    peft = get_peft_model(load_causal_lm(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                           init_lora_weights=False))
+    adapter = tmp_path / ".policy.sharded.tmp"
+    peft.save_pretrained(adapter)
+    expected = peft.merge_and_unload().state_dict()
+    out = tmp_path / "policy"
+    dpo.merge_saved_adapter(adapter, base, load_tokenizer(base), out, cfg, True, largest_weight(load_causal_lm(base)))
+    merged = load_causal_lm(out).state_dict()
+    assert merged.keys() == expected.keys() and not adapter.exists()
+    assert all(torch.allclose(merged[k], expected[k], atol=1e-6) for k in merged)
+    assert any(not torch.equal(merged[k], v) for k, v in load_causal_lm(base).state_dict().items())

@@ -20,6 +20,7 @@ class Stage(StrEnum):
     loop = "loop"
     status = "status"  # what is done, partial or missing, and what to run next (reads manifests only)
     report = "report"  # the experiment's report.html
+    plan = "plan"  # per stage: the models it holds, memory per device, whether it fits (reads config.json only)
 
 
 PIPELINE = (Stage.generate, Stage.rank, Stage.distill, Stage.dpo, Stage.evaluate)

@@ -81,6 +81,11 @@ def experiment_dir(cfg: DictConfig) -> Path:
 def configure(cfg: DictConfig) -> DictConfig:
     validate(cfg)
     cfg.experiment_dir = str(experiment_dir(cfg))
+    from tsalign.distributed import narrow_visible_gpus
+
+    note = narrow_visible_gpus(str(cfg.stage))  # before anything starts CUDA or loads a model
+    if note:
+        print(note)
     if cfg.threads:
         import torch
 
@@ -104,6 +109,10 @@ def _main(cfg: DictConfig) -> None:
             from tsalign.report import main as write_report
 
             write_report(Path(cfg.experiment_dir))
+        elif cfg.stage == Stage.plan:
+            from tsalign.plan import main as show_plan
+
+            show_plan(cfg)
         elif cfg.stage == Stage.loop:
             from hydra.core.hydra_config import HydraConfig
 
@@ -176,7 +185,7 @@ class OutputsWritable(Callback):
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 # swept keys left out of a job's experiment name that still give each job its own experiment root
 OWN_ROOT = ("experiment_name", "experiment_dir", "paths.outputs")
-# hydra/launcher options and the plugin each needs (all in the pip extra tsalign[launchers])
+# hydra/launcher options and the plugin each needs (all in the pip extra tsalign-cli[launchers])
 LAUNCHER_PLUGINS = {"joblib": "hydra_joblib_launcher", "submitit_local": "hydra_submitit_launcher",
                     "submitit_slurm": "hydra_submitit_launcher", "slurm": "hydra_submitit_launcher",
                     "ray": "hydra_ray_launcher", "ray_aws": "hydra_ray_launcher"}
@@ -214,7 +223,7 @@ def missing_launcher(argv: list[str]) -> str | None:
         plugin = LAUNCHER_PLUGINS.get(name)
         if plugin and importlib.util.find_spec(f"hydra_plugins.{plugin}") is None:
             return (f"hydra/launcher={name} needs the {plugin.replace('_', '-')} plugin: `make setup LAUNCHERS=1` "
-                    "(or pip install 'tsalign[launchers]')")
+                    "(or pip install 'tsalign-cli[launchers]')")
     return None
 
 

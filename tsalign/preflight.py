@@ -18,6 +18,7 @@ from tsalign.choices import ModelKind, Reference, Selection
 from tsalign.errors import TsalignError
 from tsalign.lineage import finished_output, policy_source, prompt_split, student_source, training_prompts
 from tsalign.models import model_config
+from tsalign.plan import check_fits
 from tsalign.tracking import check_tracker
 
 # position ids of these start after the padding index: 514 positions read 512 tokens
@@ -56,6 +57,13 @@ def model_at(cfg: DictConfig, key: str, trained: Path | None) -> ModelInfo:
 
 
 def positions(config: dict) -> int | None:
+    """The longest input the model can take; None: its config.json sets no limit. DeBERTa (v1, v2/v3) without
+    absolute position embeddings (position_biased_input false) has none: relative positions are log-bucketed
+    and clamped (transformers models/deberta_v2 make_log_bucket_position), so max_position_embeddings is the
+    length it was trained at, not a size its tensors must fit."""
+    if config.get("model_type") in ("deberta", "deberta-v2") and config.get("relative_attention") \
+            and not config.get("position_biased_input", True):
+        return None
     n = config.get("max_position_embeddings") or config.get("n_positions")
     return n - _POSITION_OFFSET.get(config.get("model_type"), 0) if isinstance(n, int) else None
 
@@ -224,6 +232,7 @@ def check_stage(cfg: DictConfig, stage: str) -> None:
     """Everything `stage` at cfg.iteration can be refused for before it loads a model."""
     check_tracker(cfg.logger.backend, cfg.logger.mode)
     CHECKS[stage](cfg)
+    check_fits(cfg, stage)  # estimated memory per GPU from the models' config.json (tsalign stage=plan)
 
 
 def visible_gpus() -> int:
@@ -266,3 +275,4 @@ def check_loop(cfg: DictConfig) -> None:
     check_teacher(cfg)
     check_judge(cfg)
     prompt_split(cfg)
+    check_fits(cfg, "loop")

@@ -101,13 +101,29 @@ def _response_logits(logits, seq: Sequence, vocab: int):
     return logits[seq.start - 1: len(seq.ids) - 1, :vocab]
 
 
-def _free(model) -> None:
+def release_device_memory() -> None:
+    """Hand the memory of dropped models back to the device. torch's CUDA caching allocator keeps freed blocks
+    reserved for this process, and a vLLM engine started next counts only the device's free memory: it refuses
+    to start below gpu_memory_utilization ("Free memory on device ... is less than desired"). Call it after
+    the last reference to a model is gone (emptying the cache while a model is alive returns nothing);
+    a no-op until CUDA is initialised."""
     import torch
 
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    gc.collect()  # a model caught in a reference cycle dies here
+    torch.cuda.empty_cache()
+
+
+def _with_model(model_dir: Path, dtype: str, device: str, work: Callable):
+    """work(model) with the model at model_dir loaded for it alone: the model is dropped (this frame holds
+    the only reference) and the device memory released before this returns."""
+    from tsalign.models import load_causal_lm
+
+    model = load_causal_lm(model_dir, dtype, device)
+    try:
+        return work(model)
+    finally:
+        del model
+        release_device_memory()
 
 
 def teacher_topk(model_dir: Path, sequences: list[Sequence], k: int, vocab: int, batch_size: int, device: str,
@@ -116,12 +132,10 @@ def teacher_topk(model_dir: Path, sequences: list[Sequence], k: int, vocab: int,
     is loaded here and freed before this returns."""
     import torch
 
-    from tsalign.models import load_causal_lm
     from tsalign.policy_losses import compress_topk
 
-    model = load_causal_lm(model_dir, dtype, device)
-    parts: list = [None] * len(sequences)
-    try:
+    def run(model) -> list:
+        parts: list = [None] * len(sequences)
         with torch.no_grad(), progress(len(sequences), f"{what} top-{k}", "seq") as bar:
             for index in _batches(sequences, batch_size):
                 ids_in, mask = _padded(sequences, index, pad_id, device)
@@ -130,8 +144,9 @@ def teacher_topk(model_dir: Path, sequences: list[Sequence], k: int, vocab: int,
                     ids, probs, rest = compress_topk(_response_logits(logits[row], sequences[i], vocab), k)
                     parts[i] = (ids.to(torch.int32).cpu(), probs.float().cpu(), rest.float().cpu())
                 bar.update(len(index))
-    finally:
-        _free(model)
+        return parts
+
+    parts = _with_model(model_dir, dtype, device, run)
     lengths = torch.tensor([0] + [s.response_tokens for s in sequences])
     return {"ids": torch.cat([p[0] for p in parts]), "probs": torch.cat([p[1] for p in parts]),
             "rest": torch.cat([p[2] for p in parts]), "offsets": lengths.cumsum(0)}
@@ -142,11 +157,9 @@ def reference_logp(model_dir: Path, sequences: list[Sequence], ids, offsets, voc
     """The reference's log-probabilities on the teacher's top-k ids [N, k] (loaded here, freed before returning)."""
     import torch
 
-    from tsalign.models import load_causal_lm
-
-    model = load_causal_lm(model_dir, dtype, device)
     out = torch.zeros(ids.shape, dtype=torch.float32)
-    try:
+
+    def run(model) -> None:
         with torch.no_grad(), progress(len(sequences), "reference log-probs", "seq") as bar:
             for index in _batches(sequences, batch_size):
                 ids_in, mask = _padded(sequences, index, pad_id, device)
@@ -156,8 +169,8 @@ def reference_logp(model_dir: Path, sequences: list[Sequence], ids, offsets, voc
                     logp = _response_logits(logits[row], sequences[i], vocab).float().log_softmax(-1)
                     out[lo:hi] = logp.gather(-1, ids[lo:hi].long().to(logp.device)).cpu()
                 bar.update(len(index))
-    finally:
-        _free(model)
+
+    _with_model(model_dir, dtype, device, run)
     return out
 
 

@@ -6,6 +6,12 @@ Chunks are also the unit of seeding (chunk seed = derived_seed(run seed, chunk s
 parallelism: under `accelerate launch` generate's process r of N samples chunks r, r+N, r+2N, ...
 (shard_ranges), so a prompt meets the same seed and the same batch whatever N is, and the merged
 output of N processes is the output of one (same sampler, device type and dtype).
+
+A sampler may take several chunks per call (a `prompts_per_call(n)` and a `generate_chunks` method: the vLLM
+sampler on a GPU, whose engine batches continuously only over the requests of one call): the shard's
+pending chunks then go to it in groups of at least that many prompts, each chunk with its own seed, and
+each chunk's rows are kept once its call returns (a crash loses one call). Every other sampler gets one
+chunk per call.
 """
 
 from __future__ import annotations
@@ -49,22 +55,53 @@ def sample_rows(sampler, prompts: list[dict], params: SamplingParams, partial: P
     mine = [prompts[i] for r in ranges for i in r]
     done = sum(p["prompt_id"] in partial for p in mine)
     where = f" (shard {shard + 1}/{shards})" if shards > 1 else ""
+    pending = [(r, chunk) for r in ranges
+               if (chunk := [p for p in prompts[r.start : r.stop] if p["prompt_id"] not in partial])]
     with progress(len(mine), f"sampling {label}{where}", "prompt", initial=done) as bar:
-        for r in ranges:
-            chunk = [p for p in prompts[r.start : r.stop] if p["prompt_id"] not in partial]
-            if not chunk:
-                continue
-            chunk_params = SamplingParams(**{**params.as_dict(), "seed": derived_seed(params.seed, r.start)})
+        for call in calls(pending, prompts_per_call(sampler, params.n)):
             t0 = time.monotonic()
-            completions = sampler.generate([p["messages"] for p in chunk], chunk_params)
-            tokens = sum(c.num_tokens for comps in completions for c in comps)
-            keep_rows(partial, chunk, completions, label)
+            results = generate_chunks(sampler, [([p["messages"] for p in chunk], chunk_params(params, r))
+                                                for r, chunk in call])
+            for (_, chunk), completions in zip(call, results):
+                keep_rows(partial, chunk, completions, label)
+            tokens = sum(c.num_tokens for completions in results for comps in completions for c in comps)
             tok_s = round(tokens / max(time.monotonic() - t0, 1e-9), 1)
-            bar.update(len(chunk), tok_s=tok_s)
-            done += len(chunk)
+            sampled = sum(len(chunk) for _, chunk in call)
+            bar.update(sampled, tok_s=tok_s)
+            done += sampled
             if on_chunk:
                 on_chunk(done, tok_s)
     return [partial.rows[p["prompt_id"]] for p in mine]
+
+
+def chunk_params(params: SamplingParams, chunk: range) -> SamplingParams:
+    """A chunk's own seed: derived from its first prompt's index, so it does not depend on who samples it."""
+    return SamplingParams(**{**params.as_dict(), "seed": derived_seed(params.seed, chunk.start)})
+
+
+def prompts_per_call(sampler, n: int) -> int:
+    """The prompts the sampler wants per call at K=n; 0: one chunk per call."""
+    wanted = getattr(sampler, "prompts_per_call", None)
+    return wanted(n) if wanted and hasattr(sampler, "generate_chunks") else 0
+
+
+def calls(pending: list[tuple[range, list]], size: int) -> list[list[tuple[range, list]]]:
+    """Consecutive chunks grouped until a group holds at least `size` prompts (0: one chunk per group)."""
+    groups, group, count = [], [], 0
+    for r, chunk in pending:
+        group.append((r, chunk))
+        count += len(chunk)
+        if count >= size:
+            groups.append(group)
+            group, count = [], 0
+    return groups + [group] if group else groups
+
+
+def generate_chunks(sampler, chunks: list[tuple[list, SamplingParams]]) -> list[list]:
+    """Each chunk's completions: in one call if the sampler takes several chunks at once, else chunk by chunk."""
+    if len(chunks) > 1:
+        return sampler.generate_chunks(chunks)
+    return [sampler.generate(messages, params) for messages, params in chunks]
 
 
 def keep_rows(partial: PartialRows, chunk: list[dict], completions: list, label: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 import warnings
@@ -68,6 +69,18 @@ def reference_model(cfg: DictConfig, policy_dir: Path) -> tuple[Path | None, str
         return None, str(cfg.policy.dtype)
     initial = cfg.dpo.reference == Reference.initial
     return (base_model_dir(cfg, cfg.policy) if initial else policy_dir), str(cfg.policy.dtype)
+
+
+def check_fsdp_loading(cfg: DictConfig, environ=os.environ) -> None:
+    """FSDP's cpu-RAM-efficient loading zero-fills every model transformers loads on local ranks > 0: accelerate
+    restores the trained policy from rank 0, TRL's reference keeps its zeros (trl/models/utils.py prepare_fsdp),
+    and the DPO loss is meaningless with no error. conf/accelerate/fsdp.yaml turns it off; a user's may not."""
+    def on(key: str) -> bool:
+        return environ.get(key, "").lower() == "true"
+
+    if not cfg.dpo.lora and on("ACCELERATE_USE_FSDP") and on("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+        raise TsalignError("fsdp_cpu_ram_efficient_loading: true leaves DPO's reference zero-filled on every process "
+                           "but the first; set it to false in the accelerate config (conf/accelerate/fsdp.yaml does)")
 
 
 def training_args(cfg: DictConfig, output_dir: Path, device: str, report_to: list[str]):
@@ -204,15 +217,60 @@ def log_stats(history: list[dict]) -> dict:
             "reward_accuracy_mean": mean("rewards/accuracies"), "reward_margin_mean": mean("rewards/margins")}
 
 
-def save_policy(trainer, tokenizer, path: Path, cfg: DictConfig, use_cache: bool, largest_before: float) -> None:
+def params_sharded(trainer) -> bool:
+    """Each process holds a slice of every weight: DeepSpeed ZeRO-3 (outside GatheredParameters a partitioned
+    parameter is an empty tensor) or FSDP (DTensor shards). ZeRO-2 keeps whole weights on every process."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return getattr(trainer, "is_fsdp_enabled", False) or (
+        getattr(trainer, "is_deepspeed_enabled", False) and is_deepspeed_zero3_enabled())
+
+
+@contextlib.contextmanager
+def outside_zero3():
+    """from_pretrained as in a plain process: while the trainer's DeepSpeed config is registered, transformers
+    builds every model under deepspeed.zero.Init, a collective the other processes are not in."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
+def merge_saved_adapter(adapter: Path, base_dir: Path, tokenizer, path: Path, cfg: DictConfig, use_cache: bool,
+                        largest_before: float) -> None:
+    """The LoRA adapter Trainer.save_model gathered, merged into a fresh CPU copy of the base (main process only)."""
+    from peft import PeftModel
+
+    with outside_zero3():
+        base = load_causal_lm(base_dir, cfg.policy.dtype, "cpu")
+        trained = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    trained.config.use_cache = use_cache
+    check_weights(trained, "DPO", "optimizer.learning_rate", cfg.optimizer.learning_rate, largest_before)
+    with atomic_dir(path) as tmp:
+        trained.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(adapter, ignore_errors=True)
+
+
+def save_policy(trainer, tokenizer, path: Path, cfg: DictConfig, use_cache: bool, largest_before: float,
+                base_dir: Path) -> None:
     """pi_{t+1} as a plain HF checkpoint (LoRA merged), written once. Sharded weights (DeepSpeed ZeRO-3,
-    FSDP) are gathered by Trainer.save_model, which every process must call; the main process writes."""
+    FSDP) are gathered by Trainer.save_model, which every process must call; the main process writes.
+    A LoRA adapter trained on sharded weights is gathered the same way and merged into the base loaded
+    afresh: merging in place would add into empty ZeRO-3 partitions (a checkpoint of shape-[0] tensors)
+    or write FSDP's DTensors from the main process alone (save_pretrained fails on them)."""
     sharded = getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False)
-    if sharded and not cfg.dpo.lora:
+    if sharded and (not cfg.dpo.lora or params_sharded(trainer)):
         staging = path.with_name(f".{path.name}.sharded.tmp")  # the same name on every process
-        trainer.save_model(str(staging))
+        trainer.save_model(str(staging))  # LoRA: the adapter only
         distributed.barrier()
-        if distributed.is_main():
+        if distributed.is_main() and cfg.dpo.lora:
+            merge_saved_adapter(staging, base_dir, tokenizer, path, cfg, use_cache, largest_before)
+        elif distributed.is_main():
             tokenizer.save_pretrained(staging)
             replace_dir(staging, path)
         return
@@ -230,6 +288,7 @@ def run(ctx: StageContext) -> StageResult:
 
     cfg, out_dir, tracker = ctx.cfg, ctx.directory, ctx.tracker
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # TRL's
+    check_fsdp_loading(cfg)
     pairs_path = ctx.inputs["pairs"]
     pairs = read_jsonl(pairs_path, "preference pairs")
     if not pairs:
@@ -266,7 +325,7 @@ def run(ctx: StageContext) -> StageResult:
     result = trainer.train(resume_from_checkpoint=resume)
     train_s = time.time() - t1
 
-    save_policy(trainer, tokenizer, out_dir / "policy", cfg, use_cache, largest_before)
+    save_policy(trainer, tokenizer, out_dir / "policy", cfg, use_cache, largest_before, model_dir)
 
     steps = trainer.state.global_step
     stats = log_stats(trainer.state.log_history)

@@ -16,12 +16,15 @@ device (cuda:LOCAL_RANK; a vLLM engine on GPUs LOCAL_RANK*tp ...) into its own r
 _work/candidates.shard<r>of<N>.partial.jsonl (bound to the config, the inputs and N: a rerun with the
 same N samples only what each shard is missing). Chunks carry their seeds, so the merged output is
 the one-process output. The main process merges the shards in prompt order into candidates.jsonl
-and writes the one manifest.
+and writes the one manifest. A shard that finishes first waits for the others on a gloo group with a long
+timeout (on_every_shard): accelerate's default process group gives up after torch's default, 10 minutes on NCCL.
 """
 
 from __future__ import annotations
 
+import functools
 import time
+from datetime import timedelta
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -77,6 +80,43 @@ def merged_rows(prompts: list[dict], directory: Path, stamp: dict, shards: int, 
     return [rows[p["prompt_id"]] for p in prompts]
 
 
+SHARD_WAIT = timedelta(days=1)  # how long a finished shard waits for the slowest one
+
+
+@functools.lru_cache(maxsize=1)
+def shard_wait_group():
+    """A gloo group whose collectives wait up to SHARD_WAIT. Shards finish minutes to hours apart (one chunk
+    more, a slower engine start, a shard resumed with nothing left to sample), while accelerate creates the
+    default group with torch's default timeout: 10 minutes on NCCL, after which its watchdog tears the
+    waiting process down. Created by every process at the same point (a collective), before any samples."""
+    import torch.distributed as dist
+
+    distributed.state()
+    return dist.new_group(backend="gloo", timeout=SHARD_WAIT)
+
+
+def on_every_shard(compute) -> list:
+    """distributed.on_every_process(compute), the wait for the slowest shard done on shard_wait_group: every
+    process gets every result by rank, or the lowest rank's error, once all have finished their own share."""
+    if not distributed.launched():
+        return [compute()]
+    import torch.distributed as dist
+
+    try:
+        outcome = (True, compute())
+    except Exception as e:  # noqa: BLE001 -- re-raised on every process by on_every_process below
+        outcome = (False, e)
+    dist.barrier(group=shard_wait_group())
+    return distributed.on_every_process(lambda: _unwrap(outcome))
+
+
+def _unwrap(outcome: tuple):
+    ok, value = outcome
+    if not ok:
+        raise value
+    return value
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     prompts = training_prompts(cfg, ctx.iteration)
@@ -85,6 +125,8 @@ def run(ctx: StageContext) -> StageResult:
     seed = derived_seed(cfg.seed, ctx.iteration)
     params = sampling_params(cfg, cfg.generate.num_candidates, seed)
     shard, shards = distributed.rank(), distributed.world_size()
+    if shards > 1:
+        shard_wait_group()  # every process is here together: none has started sampling
 
     def sample_shard(name: str, directory: Path, who: str, params) -> dict:
         size = chunk_prompts(cfg.sampler.batch_size, params.n)
@@ -114,7 +156,7 @@ def run(ctx: StageContext) -> StageResult:
                sampling_params(cfg, cfg.generate.matrix_candidates, seed + 1 + j))
               for j, m in enumerate(matrix_models(cfg, ctx.iteration))]
     sources = [("candidates", model_dir, label, params), *matrix]
-    per_shard = [distributed.on_every_process(lambda src=src: sample_shard(*src)) for src in sources]
+    per_shard = [on_every_shard(lambda src=src: sample_shard(*src)) for src in sources]
     if not distributed.is_main():
         return StageResult({}, {})  # the main process merges and writes
     rows = merged_rows(prompts, ctx.directory, ctx.stamp, shards)

@@ -33,7 +33,15 @@ from tsalign.choices import PdistillLoss
 from tsalign.errors import TsalignError
 from tsalign.lineage import base_model_dir, experiment_dir, finished_output
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
-from tsalign.teacher_cache import Sequence, cached, encode, reference_logp, sequences_hash, teacher_topk
+from tsalign.teacher_cache import (
+    Sequence,
+    cached,
+    encode,
+    reference_logp,
+    release_device_memory,
+    sequences_hash,
+    teacher_topk,
+)
 
 MODELS = ("teacher_policy", "teacher_reference", "student")
 _PI = re.compile(r"^pi_(\d+|T)$")
@@ -165,14 +173,17 @@ def greedy_answers(cfg: DictConfig, student_dir: Path, prompts: list[list[dict]]
     """One greedy answer per prompt from the student (ADPA's y_hat), with the configured sampler."""
     from tsalign.engines import open_sampler
     from tsalign.progress import progress
+    from tsalign.sampling.resumable import prompts_per_call
 
     params = greedy_params(cfg)
     sampler = open_sampler(cfg, student_dir, cfg.seed)
+    # greedy answers do not depend on the call they are in: a vLLM engine on a GPU takes many prompts per call
+    per_call = max(cfg.sampler.batch_size, prompts_per_call(sampler, 1))
     answers: list[str] = []
     try:
         with progress(len(prompts), "student greedy answers", "prompt") as bar:
-            for start in range(0, len(prompts), cfg.sampler.batch_size):
-                chunk = prompts[start: start + cfg.sampler.batch_size]
+            for start in range(0, len(prompts), per_call):
+                chunk = prompts[start: start + per_call]
                 answers += [c[0].text for c in sampler.generate(chunk, params)]
                 bar.update(len(chunk))
     finally:
@@ -389,6 +400,8 @@ def adpa_examples(s: Setup, kept: list[tuple]):
     prompts = list({prompt_key(pair): pair["prompt"] for pair, _, _ in kept}.items())
 
     def build():
+        # a vLLM engine starts on the device's free memory: nothing an earlier phase loaded may still hold it
+        release_device_memory()
         answers = greedy_answers(cfg, s.dirs["student"], [m for _, m in prompts])
         encoded = [(key, encode(s.tok, m, [{"role": "assistant", "content": a}], p.max_length))
                    for (key, m), a in zip(prompts, answers)]
