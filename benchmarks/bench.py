@@ -49,7 +49,7 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tsalign.choices import PIPELINE  # noqa: E402
+from tsalign.config.choices import PIPELINE  # noqa: E402
 
 STAGES = tuple(str(s) for s in PIPELINE)
 PY = sys.executable
@@ -220,7 +220,7 @@ def compose(overrides: list[str]):
     import hydra
 
     from tsalign.cli import CONF_DIR
-    from tsalign.config import register_configs
+    from tsalign.config.schema import register_configs
 
     register_configs()
     with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -246,7 +246,7 @@ def write_prompts(path: Path, prompts: list[dict]) -> Path:
 def derive_candidates(source: Path, target: Path, k: int, prompts: int) -> Path:
     """A finished generate output holding the first `prompts` rows and first `k` candidates of `source`'s
     (a finished generate output of the same prompts): the same candidates at a smaller K."""
-    from tsalign.artifacts import StageRun, atomic_write_jsonl, stage_dir
+    from tsalign.artifacts.store import StageRun, atomic_write_jsonl, stage_dir
 
     shutil.rmtree(target, ignore_errors=True)
     m = manifest(source, "generate")
@@ -310,8 +310,8 @@ class Bench:
         # warm caches, as `make run` finds them the second time: the policy converted from its GGUF, the
         # teacher and student_0 fitted on human pairs (a fresh clone does both here, untimed, once)
         warm = ("import sys; sys.argv = sys.argv[:1]; from benchmarks.bench import compose; "
-                "from tsalign.engines import student_base_dir, teacher_model_dir; "
-                "from tsalign.lineage import base_model_dir; "
+                "from tsalign.stages.factory import student_base_dir, teacher_model_dir; "
+                "from tsalign.stages.lineage import base_model_dir; "
                 f"cfg = compose({self.e2e_overrides()!r}); "
                 "print(base_model_dir(cfg, cfg.policy), teacher_model_dir(cfg), student_base_dir(cfg))")
         self.results["warm_caches"] = measure("warm_caches", [PY, "-c", warm], self.logs)
@@ -335,7 +335,7 @@ class Bench:
         n_pairs = len(read_jsonl(pairs))
         if n_pairs < 1:
             raise RuntimeError(f"{pairs} holds no pairs: nothing to train on")
-        from tsalign.lineage import base_model_dir
+        from tsalign.stages.lineage import base_model_dir
 
         policy = base_model_dir(cfg, cfg.policy)
         d, o = cfg.dpo, cfg.optimizer
@@ -381,7 +381,7 @@ class Bench:
         base = ["stage=generate", "iteration=0", "redo=true", f"data.max_prompts={s.gen_prompts}",
                 f"sampler.max_new_tokens={s.gen_tokens}", f"generate.num_candidates={s.k}"]
         cfg = compose(base + ["experiment_name=gen_hf"])
-        from tsalign.lineage import base_model_dir, training_prompts
+        from tsalign.stages.lineage import base_model_dir, training_prompts
 
         policy = base_model_dir(cfg, cfg.policy)
         prompts = write_prompts(self.root / "gen_prompts.json", training_prompts(cfg, 0))
@@ -433,8 +433,8 @@ class Bench:
         over = [*self.e2e_overrides(), f"data.eval_prompts={s.eval_prompts}", f"sampler.max_new_tokens={s.eval_tokens}",
                 "sampler=hf", "evaluate.control=false"]
         cfg = compose(over)
-        from tsalign.engines import teacher_model_dir
-        from tsalign.lineage import base_model_dir, prompt_split
+        from tsalign.stages.factory import teacher_model_dir
+        from tsalign.stages.lineage import base_model_dir, prompt_split
 
         held_out = write_prompts(self.root / "eval_prompts.json", prompt_split(cfg)[0])
         sp, t = cfg.sampler, cfg.teacher
@@ -468,7 +468,7 @@ class Bench:
     def phase_rank(self) -> dict:
         exp, s = self.e2e_dir(), self.sizes
         cfg = compose(self.e2e_overrides())
-        from tsalign.engines import teacher_model_dir
+        from tsalign.stages.factory import teacher_model_dir
 
         t = cfg.teacher
         candidates = exp / "iter_0" / "generate" / "candidates.jsonl"
@@ -535,8 +535,8 @@ class Bench:
         if not (source / "iter_0" / "generate" / "manifest.json").is_file():
             raise RuntimeError(f"no candidates in {source}: run the selection phase first")
         cfg = compose(["experiment_name=e2e"])
-        from tsalign.engines import teacher_model_dir
-        from tsalign.lineage import base_model_dir
+        from tsalign.stages.factory import teacher_model_dir
+        from tsalign.stages.lineage import base_model_dir
 
         t = cfg.teacher
         run = self.plain("scoring_order", [

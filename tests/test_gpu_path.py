@@ -170,8 +170,8 @@ def test_the_llama_preset_composes_and_passes_preflight_with_its_own_data(llama_
     """model=llama stopped in preflight: 805 AlpacaEval prompts < 256 held out + 2000 per iteration, and
     the DeBERTa student's max_length 1024 > its 512 positions."""
     import tsalign.cli
-    from tsalign.lineage import training_prompts
-    from tsalign.preflight import check_loop
+    from tsalign.stages.lineage import training_prompts
+    from tsalign.stages.checks import check_loop
 
     cfg = tsalign.cli.configure(compose(["model=llama", "stage=loop", "iterations=3",
                                          f"paths.outputs={tmp_path / 'outputs'}"]))
@@ -188,7 +188,7 @@ def test_the_llama_preset_takes_several_steps_per_iteration(compose):
 
 
 def test_the_loop_refuses_more_processes_than_gpus_before_any_stage(compose):
-    from tsalign.preflight import check_launch
+    from tsalign.stages.checks import check_launch
 
     cfg = compose(["model=llama"])
     with pytest.raises(TsalignError, match=r"launch.processes = 8 needs 8 GPUs and this node shows 4; .*launch.processes=4"):
@@ -233,7 +233,7 @@ def test_gpu_check_reports_the_line_that_says_what_failed():
 def test_deberta_with_relative_positions_reads_past_its_trained_length():
     """DeBERTa-v3 (position_biased_input false) has no absolute position table: 1024 tokens run (checked on a
     tiny DebertaV2 in tests/test_gpu_likely.py); with absolute positions 512 is a hard limit."""
-    from tsalign.preflight import positions
+    from tsalign.stages.checks import positions
 
     assert positions(DEBERTA_V3_LARGE) is None
     assert positions({**DEBERTA_V3_LARGE, "position_biased_input": True}) == 512
@@ -255,9 +255,9 @@ def test_a_lora_adapter_gathered_from_sharded_weights_is_merged_into_a_fresh_bas
     the base loaded afresh: in place, PEFT would add into empty ZeRO-3 partitions (shape-[0] weights)."""
     from peft import LoraConfig, get_peft_model
 
-    from tsalign.divergence import largest_weight
-    from tsalign.lineage import base_model_dir
-    from tsalign.models import load_causal_lm, load_tokenizer
+    from tsalign.training.divergence import largest_weight
+    from tsalign.stages.lineage import base_model_dir
+    from tsalign.engines.models import load_causal_lm, load_tokenizer
     from tsalign.stages import dpo
 
     cfg = compose(["model=tiny", "dpo.lora=true"])

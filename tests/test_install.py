@@ -82,7 +82,7 @@ def test_install_hints_use_the_distribution_name():
 
 
 def test_missing_vllm_hint_names_keys_the_schema_accepts(monkeypatch, compose):
-    from tsalign.vllm_engine import import_vllm
+    from tsalign.engines.vllm_engine import import_vllm
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
     with pytest.raises(TsalignError) as e:

@@ -12,8 +12,8 @@ import yaml
 
 import tsalign.cli
 from tsalign.errors import TsalignError
-from tsalign.scoring import make_scorer
-from tsalign.scoring.judge import JudgeScorer, combine_orders, round_robin
+from tsalign.engines.scoring import make_scorer
+from tsalign.engines.scoring.judge import JudgeScorer, combine_orders, round_robin
 
 CONF = Path(tsalign.cli.CONF_DIR)
 PROMPT = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -96,7 +96,7 @@ def judge_conf() -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_judge(judge_conf):
-    from tsalign.models import resolve_model_dir
+    from tsalign.engines.models import resolve_model_dir
 
     policy = yaml.safe_load((CONF / "policy" / "tiny.yaml").read_text())
     model_dir = resolve_model_dir(policy["path"], cache_dir(), tiny=policy["tiny"], kind="causal_lm", seed=0)

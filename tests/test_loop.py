@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli, run_stage_inprocess
 
-from tsalign.config import PIPELINE
+from tsalign.config.schema import PIPELINE
 
 FAST = ["model=tiny", "dpo.max_steps=2", "dpo.save_steps=1", "evaluate.control=true", "sampler.max_new_tokens=8"]
 
@@ -184,7 +184,7 @@ def test_evaluate_with_an_independent_judge(looped):
 
 
 def test_unknown_judge_option_lists_the_options():
-    from tsalign.engines import teacher_option
+    from tsalign.stages.factory import teacher_option
     from tsalign.errors import TsalignError
 
     with pytest.raises(TsalignError, match="minilm_rm"):

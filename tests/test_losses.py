@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tsalign.losses import bradley_terry_loss, pairwise_accuracy
+from tsalign.algorithms.losses import bradley_terry_loss, pairwise_accuracy
 
 
 def nlsig(x: float) -> float:

@@ -14,8 +14,8 @@ import torch
 from conftest import REPO, run_stage_inprocess
 from safetensors.torch import load_file
 
-from tsalign.artifacts import read_manifest, stage_dir
-from tsalign.stages.loop import accelerate_config_file, stage_launcher
+from tsalign.artifacts.store import read_manifest, stage_dir
+from tsalign.pipeline.loop import accelerate_config_file, stage_launcher
 
 # dropout off in the tiny student, so one process and two see the same arithmetic
 STUDENT = ["+student.tiny.hidden_dropout_prob=0.0", "+student.tiny.attention_probs_dropout_prob=0.0"]

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import run_cli, run_stage_inprocess, stage_config
 
-from tsalign.artifacts import StageRun, atomic_write_jsonl, read_manifest, stage_dir
+from tsalign.artifacts.store import StageRun, atomic_write_jsonl, read_manifest, stage_dir
 from tsalign.errors import TsalignError
-from tsalign.lineage import base_model_dir
-from tsalign.models import load_causal_lm
+from tsalign.stages.lineage import base_model_dir
+from tsalign.engines.models import load_causal_lm
 
 QA = [
     ("What is the capital of France?", "The capital of France is Paris.", "France is a country in Europe."),
@@ -175,7 +175,7 @@ def test_model_references_and_their_errors(outputs, tmp_path):
 def test_a_reward_model_is_not_a_teacher(outputs):
     """A sequence classifier cannot give token distributions: refused before any model loads."""
     cfg = stage_config(outputs, ["experiment_name=pd"])
-    from tsalign.engines import student_base_dir
+    from tsalign.stages.factory import student_base_dir
 
     rm = student_base_dir(cfg)
     with pytest.raises(TsalignError, match="is not a causal LM"):
@@ -191,7 +191,7 @@ def test_method_presets_set_the_loss(compose, method, loss):
 
 def test_collate_aligns_teacher_rows_with_the_predicting_positions():
     from tsalign.stages.pdistill import Example, collate
-    from tsalign.teacher_cache import Sequence
+    from tsalign.stages.pdistill.teacher_cache import Sequence
 
     k = 2
     rows = lambda n, v: {"ids": torch.full((n, k), v, dtype=torch.int32), "probs": torch.full((n, k), 0.25),  # noqa: E731

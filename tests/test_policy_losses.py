@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tsalign.policy_losses import (
+from tsalign.algorithms.policy_losses import (
     adpa_loss,
     adpa_term,
     advantage,

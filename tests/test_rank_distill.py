@@ -13,13 +13,13 @@ import torch
 from omegaconf import OmegaConf
 
 import tsalign.cli
-from tsalign.artifacts import ConfigChanged, read_jsonl, read_manifest, stage_dir
-from tsalign.config import FitSpec
-from tsalign.engines import student_base_dir, teacher_model_dir
+from tsalign.artifacts.store import ConfigChanged, read_jsonl, read_manifest, stage_dir
+from tsalign.config.schema import FitSpec
+from tsalign.stages.factory import student_base_dir, teacher_model_dir
 from tsalign.errors import TsalignError
-from tsalign.lineage import base_model_dir
-from tsalign.runner import run_stage
-from tsalign.selection import Verdict, student_agrees
+from tsalign.stages.lineage import base_model_dir
+from tsalign.pipeline.runner import run_stage
+from tsalign.algorithms.selection import Verdict, student_agrees
 
 K, PROMPTS = 3, 4  # conf/model/tiny.yaml: generate.num_candidates, data.prompts_per_iteration
 
@@ -123,7 +123,7 @@ def test_best_worst_scores_pairs_and_metrics(ts):
 
 def test_rank_scores_are_the_models_scores_of_the_right_texts(ts):
     """Re-score independently: the student saw every candidate, the teacher exactly its shortlist."""
-    from tsalign.scoring.reward_model import RewardModelScorer
+    from tsalign.engines.scoring.reward_model import RewardModelScorer
 
     cfg = ts["rank_cfg"]
     scores, _, _ = rank_outputs(ts["exp"])
@@ -306,7 +306,7 @@ def test_cut_answers_are_never_chosen_and_counted(ts):
 def test_distill_fingerprints_the_teacher_fit_it_reads(ts, tmp_path):
     """distill reports the student on the human pairs the teacher's fit held out: a change to the
     teacher's fit must make a finished distill stale, not leave it 'done' with stale metrics."""
-    from tsalign.runner import stage_record
+    from tsalign.pipeline.runner import stage_record
 
     human = write_human_pairs(tmp_path / "human.jsonl")
     cfg = configure(ts["outputs"], "stage=distill", "experiment_name=ts", f"teacher.fit.data={human}")
@@ -461,7 +461,7 @@ def test_student_0_is_fitted_on_its_own_share_of_the_human_pairs(ts, tmp_path, c
     assert [r["student_scores"] for r in scores] != [r["student_scores"] for r in untrained]
 
     cfg.student.fit.train_range = [0.25, 1.0]
-    from tsalign.preflight import check_student
+    from tsalign.stages.checks import check_student
 
     check_student(cfg, None, "student.max_length", cfg.student.max_length)
     assert "student_0 learns pairs the teacher learned" in capsys.readouterr().out

@@ -7,13 +7,13 @@ import json
 import pytest
 from conftest import run_stage_inprocess
 
-import tsalign.scoring.resumable
+import tsalign.engines.scoring.resumable
 import tsalign.stages.rank as rank
 
 
 def test_rank_resumes_teacher_chunks_after_a_crash(tmp_path, monkeypatch):
     run_stage_inprocess("generate", tmp_path)  # model=tiny: 4 prompts x K=3
-    monkeypatch.setattr(tsalign.scoring.resumable, "SCORE_CHUNK", 2)
+    monkeypatch.setattr(tsalign.engines.scoring.resumable, "SCORE_CHUNK", 2)
     real_open = rank.open_scorer
     seen: list[tuple[str, int]] = []
 

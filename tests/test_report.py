@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_stage_inprocess
 
-from tsalign.artifacts import stage_dir
-from tsalign.report import MAX_CHARS, esc, report_after_run, write_report
+from tsalign.artifacts.store import stage_dir
+from tsalign.views.report import MAX_CHARS, esc, report_after_run, write_report
 
 FAST = ["dpo.max_steps=2", "dpo.save_steps=100", "sampler.max_new_tokens=8"]
 IMG = re.compile(r'<img [^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -144,7 +144,7 @@ def test_report_of_an_empty_experiment_and_a_failing_one(tmp_path, capsys):
 
 def test_report_imports_no_model_library(tmp_path):
     exp = hand_made(tmp_path)
-    code = ("import sys; from pathlib import Path; from tsalign.report import write_report; write_report(Path(sys.argv[1])); "
+    code = ("import sys; from pathlib import Path; from tsalign.views.report import write_report; write_report(Path(sys.argv[1])); "
             "print('HEAVY', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'trl')))")
     done = subprocess.run([sys.executable, "-c", code, str(exp)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

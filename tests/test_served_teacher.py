@@ -1,4 +1,4 @@
-"""A served teacher (tsalign/served) against a stub HTTP server on 127.0.0.1 (tests/stub_server.py):
+"""A served teacher (tsalign/engines/scoring/served) against a stub HTTP server on 127.0.0.1 (tests/stub_server.py):
 reading answers, retries and their limits, garbage without verdicts, the verdict ledger, bounded
 concurrency, the teacher budget in rank, a served judge in evaluate, and a rank killed with SIGKILL
 halfway whose rerun asks nothing already answered (counted on the server)."""
@@ -20,13 +20,13 @@ from conftest import CACHE_DIR, REPO, run_stage_inprocess
 from omegaconf import OmegaConf
 from stub_server import TEMPLATE, StubTeacher
 
-from tsalign.config import ServedOptions
+from tsalign.config.schema import ServedOptions
 from tsalign.errors import TsalignError
-from tsalign.scoring import make_scorer
-from tsalign.served import check_options, identity
-from tsalign.served.answers import judge_verdict, parse_choice, rewards
-from tsalign.served.client import backoff_delay, endpoint
-from tsalign.served.ledger import VerdictLedger, item_key
+from tsalign.engines.scoring import make_scorer
+from tsalign.engines.scoring.served import check_options, identity
+from tsalign.engines.scoring.served.answers import judge_verdict, parse_choice, rewards
+from tsalign.engines.scoring.served.client import backoff_delay, endpoint
+from tsalign.engines.scoring.served.ledger import VerdictLedger, item_key
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 SHORT, LONG = "Paris.", "Paris is the capital and the largest city of France."

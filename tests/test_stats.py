@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tsalign.stats import auc, auc_change, mean_interval, outcome, win_rate
+from tsalign.algorithms.stats import auc, auc_change, mean_interval, outcome, win_rate
 
 
 def test_outcome_with_tie_threshold():
@@ -60,7 +60,7 @@ def test_mean_interval_edge_cases():
 
 # ---------------------------------------------------------------- paired bootstrap, length control, control checks
 
-from tsalign.stats import (  # noqa: E402
+from tsalign.algorithms.stats import (  # noqa: E402
     bootstrap_interval,
     control_checks,
     fit_logistic,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from conftest import REPO
 
-from tsalign.artifacts import stage_dir, stage_lock
-from tsalign.status import experiment_status, format_status, main, next_commands
+from tsalign.artifacts.store import stage_dir, stage_lock
+from tsalign.views.status import experiment_status, format_status, main, next_commands
 
 
 def write_manifest(exp: Path, t: int, stage: str, counts: dict, wall: float = 1.5, config: dict | None = None) -> Path:
@@ -158,7 +158,7 @@ def test_finished_stage_without_manifest_and_finished_experiment(tmp_path, capsy
 
 def test_status_imports_no_model_library(tmp_path):
     exp = half_finished(tmp_path)
-    code = ("import sys; from pathlib import Path; import tsalign.status as s; s.main(Path(sys.argv[1])); "
+    code = ("import sys; from pathlib import Path; import tsalign.views.status as s; s.main(Path(sys.argv[1])); "
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'trl', 'vllm')); "
             "print('HEAVY', heavy)")
     done = subprocess.run([sys.executable, "-c", code, str(exp)], cwd=REPO, capture_output=True, text=True, timeout=60)

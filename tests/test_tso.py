@@ -1,6 +1,6 @@
 """method=tso end to end on the tiny models: two iterations of generate -> rank -> distill -> dpo, with
 pi_0 in the model matrix from t = 1, the reference answers, preference correction, dual-clip DPO and
-reference refresh all active (tsalign/matrix.py, rank.correction, tsalign/dpo_trainer.py)."""
+reference refresh all active (tsalign/stages/matrix.py, rank.correction, tsalign/training/dpo_trainer.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import run_stage_inprocess
 
-from tsalign.artifacts import read_jsonl, stage_dir
+from tsalign.artifacts.store import read_jsonl, stage_dir
 
 TSO = ["method=tso", "experiment_name=tso", "dpo.max_steps=2", "dpo.batch_size=2", "dpo.max_length=96",
        "dpo.reference_refresh_steps=1", "optimizer.learning_rate=1e-3", "distill.epochs=1"]

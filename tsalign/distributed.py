@@ -5,7 +5,7 @@
     accelerate launch --multi_gpu --num_processes 2 -m tsalign.cli stage=generate iteration=0   # prompt shards
 
 The launcher sets WORLD_SIZE / RANK / LOCAL_RANK; a plain `tsalign` run has none and every function
-here is then a no-op for one process. The runner (tsalign.runner) lets the main process take the
+here is then a no-op for one process. The runner (tsalign.pipeline.runner) lets the main process take the
 stage lock, write the manifest and the tracker run; the others wait at a barrier and read. On a CPU
 machine the process group is gloo (accelerate's MULTI_CPU); on GPUs NCCL, one device per LOCAL_RANK.
 """

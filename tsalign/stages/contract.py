@@ -7,7 +7,7 @@ A stage is a module that ends with `STAGE = Stage(name, plan, run)`:
     run(ctx: StageContext) -> StageResult
                                    does the work in ctx.directory, reading only ctx.inputs and ctx.cfg
 
-The runner (tsalign.runner) builds the plan once, decides skip / run, hands the stage its record
+The runner (tsalign.pipeline.runner) builds the plan once, decides skip / run, hands the stage its record
 (StageContext: config slice, verified inputs, the stamp that resumable partial work is bound to, the
 tracker), and writes the manifest from the StageResult last.
 """
@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from tsalign.tracking import Tracker
+from tsalign.views.tracking import Tracker
 
 
 @dataclass(frozen=True)

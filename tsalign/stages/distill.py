@@ -17,16 +17,16 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from tsalign import distributed
-from tsalign.artifacts import atomic_write_json, read_jsonl
-from tsalign.choices import DistillSource, Replay
+from tsalign.artifacts.store import atomic_write_json, read_jsonl
+from tsalign.config.choices import DistillSource, Replay
 from tsalign.data import load_human_labels, load_human_pairs, split_pairs
-from tsalign.engines import student_base_dir, teacher_model_dir
+from tsalign.stages.factory import student_base_dir, teacher_model_dir
 from tsalign.errors import TsalignError
-from tsalign.lineage import finished_output, student_source
-from tsalign.models import pick_device
-from tsalign.reward_training import fit_pairs, label_scores, pair_accuracy, train_reward_model
+from tsalign.stages.lineage import finished_output, student_source
+from tsalign.engines.models import pick_device
+from tsalign.training.reward_model import fit_pairs, label_scores, pair_accuracy, train_reward_model
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
-from tsalign.stats import auc, auc_change
+from tsalign.algorithms.stats import auc, auc_change
 
 
 def replay_iterations(t: int, replay: str) -> list[int]:

@@ -25,16 +25,16 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from tsalign import distributed
-from tsalign.artifacts import atomic_dir, atomic_write_text, config_hash, read_jsonl, replace_dir
-from tsalign.choices import Reference
-from tsalign.divergence import check_weights, diverged, divergence, largest_weight
+from tsalign.artifacts.store import atomic_dir, atomic_write_text, config_hash, read_jsonl, replace_dir
+from tsalign.config.choices import Reference
+from tsalign.training.divergence import check_weights, diverged, divergence, largest_weight
 from tsalign.errors import TsalignError
-from tsalign.lineage import base_model_dir, finished_output, policy_source
-from tsalign.models import load_causal_lm, load_tokenizer, pick_device
-from tsalign.preference import fit_pair, to_trl_row
+from tsalign.stages.lineage import base_model_dir, finished_output, policy_source
+from tsalign.engines.models import load_causal_lm, load_tokenizer, pick_device
+from tsalign.algorithms.pairs import fit_pair, to_trl_row
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
 
-DUAL_CLIP = "dual_clip"  # TSO's dual-clip loss (tsalign/dpo_trainer.py); every other loss_type is TRL's
+DUAL_CLIP = "dual_clip"  # TSO's dual-clip loss (tsalign/training/dpo_trainer.py); every other loss_type is TRL's
 
 
 def reference_label(cfg: DictConfig, policy_label: str) -> str:
@@ -130,7 +130,7 @@ def make_trainer(cfg: DictConfig, model, ref_model, tokenizer, dataset, args):
 
     trainer_class = DPOTrainer
     if cfg.dpo.loss_type == DUAL_CLIP:
-        from tsalign.dpo_trainer import dual_clip_trainer
+        from tsalign.training.dpo_trainer import dual_clip_trainer
 
         trainer_class = dual_clip_trainer(*(float(x) for x in cfg.dpo.dual_clip))
     peft_config = None
@@ -155,7 +155,7 @@ def make_trainer(cfg: DictConfig, model, ref_model, tokenizer, dataset, args):
 def stage_callback(learning_rate: float):
     """One short line per logged step; no checkpoint after the last step, where the policy is saved
     next anyway (a full-model + optimizer checkpoint costs ~14 s and 1.6 GB for SmolLM2-135M); and a
-    diverging run (tsalign.divergence) stops at the step that shows it, before any checkpoint of it
+    diverging run (tsalign.training.divergence) stops at the step that shows it, before any checkpoint of it
     is saved (Trainer logs before it saves), with an error naming optimizer.learning_rate."""
     from transformers import TrainerCallback
 
@@ -307,7 +307,7 @@ def run(ctx: StageContext) -> StageResult:
         args = training_args(cfg, ckpt_dir, device, tracker.report_to)
     t0 = time.time()
     model = load_causal_lm(model_dir, trained_dtype(cfg), device)
-    largest_before = largest_weight(model)  # a weight blow-up is divergence too (tsalign.divergence)
+    largest_before = largest_weight(model)  # a weight blow-up is divergence too (tsalign.training.divergence)
     use_cache = model.config.use_cache  # Trainer turns it off for training; the saved policy gets it back
     ref_dir, ref_dtype = reference_model(cfg, model_dir)
     ref_model = load_causal_lm(ref_dir, ref_dtype, device) if ref_dir else None  # None: the adapter disabled

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from tsalign.artifacts import (
+from tsalign.artifacts.store import (
     PartialRows,
     atomic_write_bytes,
     atomic_write_json,
@@ -28,16 +28,16 @@ from tsalign.artifacts import (
     fingerprint,
     read_manifest,
 )
-from tsalign.engines import open_sampler, open_scorer, sampling_params, teacher_model_dir, teacher_option
+from tsalign.stages.factory import open_sampler, open_scorer, sampling_params, teacher_model_dir, teacher_option
 from tsalign.errors import TsalignError
-from tsalign.lineage import base_model_dir, experiment_dir, finished_output, prompt_split
-from tsalign.locks import cache_lock
+from tsalign.stages.lineage import base_model_dir, experiment_dir, finished_output, prompt_split
+from tsalign.artifacts.locks import cache_lock
 from tsalign.progress import progress
-from tsalign.sampling.resumable import chunk_prompts, sample_rows
-from tsalign.selection import Verdict, student_agrees
-from tsalign.served import cost_line, cost_report, is_served
+from tsalign.engines.sampling.resumable import chunk_prompts, sample_rows
+from tsalign.algorithms.selection import Verdict, student_agrees
+from tsalign.engines.scoring.served import cost_line, cost_report, is_served
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
-from tsalign.stats import (
+from tsalign.algorithms.stats import (
     bootstrap_interval,
     control_checks,
     length_controlled_win_rate,

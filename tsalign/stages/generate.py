@@ -11,7 +11,7 @@ Data-parallel generation (one engine per process; each process keeps its own sam
     accelerate launch --multi_gpu --num_processes 2 -m tsalign.cli stage=generate iteration=0
     tsalign stage=loop launch.generate_processes=2        # the loop launches generate like that
 
-Process r of N samples prompt chunks r, r+N, ... (tsalign.sampling.resumable.shard_ranges) on its own
+Process r of N samples prompt chunks r, r+N, ... (tsalign.engines.sampling.resumable.shard_ranges) on its own
 device (cuda:LOCAL_RANK; a vLLM engine on GPUs LOCAL_RANK*tp ...) into its own resumable file,
 _work/candidates.shard<r>of<N>.partial.jsonl (bound to the config, the inputs and N: a rerun with the
 same N samples only what each shard is missing). Chunks carry their seeds, so the merged output is
@@ -30,13 +30,13 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from tsalign import distributed
-from tsalign.artifacts import PartialRows, atomic_write_jsonl
-from tsalign.engines import open_sampler, sampling_params
+from tsalign.artifacts.store import PartialRows, atomic_write_jsonl
+from tsalign.stages.factory import open_sampler, sampling_params
 from tsalign.errors import TsalignError
-from tsalign.lineage import base_model_dir, policy_source, prompt_pool, training_prompts
-from tsalign.matrix import add_candidates, add_references, matrix_models
-from tsalign.matrix import model_dir as model_dir_of
-from tsalign.sampling.resumable import chunk_prompts, derived_seed, sample_rows, shard_prompts
+from tsalign.stages.lineage import base_model_dir, policy_source, prompt_pool, training_prompts
+from tsalign.stages.matrix import add_candidates, add_references, matrix_models
+from tsalign.stages.matrix import model_dir as model_dir_of
+from tsalign.engines.sampling.resumable import chunk_prompts, derived_seed, sample_rows, shard_prompts
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
 
 

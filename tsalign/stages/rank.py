@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from tsalign.artifacts import (
+from tsalign.artifacts.store import (
     PartialRows,
     atomic_write_json,
     atomic_write_jsonl,
@@ -28,13 +28,13 @@ from tsalign.artifacts import (
     stage_dir,
     verify_output,
 )
-from tsalign.choices import BudgetScope, CutAnswers, ModelKind, Selection
-from tsalign.engines import open_scorer, student_base_dir, teacher_model_dir
+from tsalign.config.choices import BudgetScope, CutAnswers, ModelKind, Selection
+from tsalign.stages.factory import open_scorer, student_base_dir, teacher_model_dir
 from tsalign.errors import TsalignError
-from tsalign.lineage import experiment_dir, finished_output, student_source
-from tsalign.preference import pairs_longer_wins
-from tsalign.scoring.resumable import score_resumably
-from tsalign.selection import (
+from tsalign.stages.lineage import experiment_dir, finished_output, student_source
+from tsalign.algorithms.pairs import pairs_longer_wins
+from tsalign.engines.scoring.resumable import score_resumably
+from tsalign.algorithms.selection import (
     correct,
     decide,
     most_uncertain,
@@ -44,9 +44,9 @@ from tsalign.selection import (
     teacher_calls,
     within_budget,
 )
-from tsalign.served import cost_line, cost_report, is_served
+from tsalign.engines.scoring.served import cost_line, cost_report, is_served
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
-from tsalign.stats import describe
+from tsalign.algorithms.stats import describe
 
 
 def candidates_file(cfg: DictConfig) -> Path:

@@ -1,0 +1,181 @@
+"""loop: generate -> rank -> distill -> dpo -> evaluate for every iteration, resumable.
+
+    tsalign stage=loop iterations=3
+    tsalign -m stage=loop seed=1,2 dpo.beta=0.05,0.1     # one experiment dir per sweep job
+
+Each stage runs in its own subprocess (so vLLM's GPU memory is freed before training starts) and a
+finished stage (matching manifest) is skipped without starting one. Killing the loop at any moment
+and rerunning it continues where it stopped: stages write atomically and their manifest last.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from tsalign.artifacts.store import ConfigChanged, read_manifest, stage_dir
+from tsalign.config.choices import PIPELINE
+from tsalign.distributed import MULTI_PROCESS_STAGES
+from tsalign.errors import TsalignError
+from tsalign.stages.lineage import experiment_dir
+from tsalign.stages.checks import check_loop
+from tsalign.pipeline.runner import stage_record
+
+_OWN_KEYS = ("stage", "iteration", "iterations", "experiment_dir", "experiment_name", "redo")
+
+
+def _die_with_parent() -> None:
+    """Child processes get SIGKILL when the loop dies (even by kill -9): no orphan keeps writing."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def child_overrides(task_overrides: list[str]) -> list[str]:
+    """The user's overrides minus the ones the loop sets itself per stage."""
+    keep = []
+    for o in task_overrides:
+        key = o.lstrip("+~").split("=", 1)[0]
+        if key not in _OWN_KEYS:
+            keep.append(o)
+    return keep
+
+
+def quoted(value: str) -> str:
+    """A Hydra override value that may hold '=' or ',' (sweep dirs do: dpo.beta=0.05,seed=1)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def status(cfg: DictConfig, stage: str, t: int) -> str:
+    """done | todo | changed (finished under another config or inputs). Unfinished inputs mean todo."""
+    sub = cfg.copy()
+    sub.iteration, sub.redo = t, False
+    try:
+        return "done" if stage_record(sub, stage)[2].is_done() else "todo"
+    except ConfigChanged:
+        if cfg.redo:
+            return "changed"  # redo=true replaces exactly the stages whose config or inputs changed
+        raise
+    except TsalignError:
+        if read_manifest(stage_dir(experiment_dir(cfg), t, stage)) is None:
+            return "todo"  # upstream not finished yet: the child reports anything else
+        raise
+
+
+def accelerate_config_file(name: str) -> Path:
+    """conf/accelerate/<name>.yaml, or a path to an accelerate config file."""
+    from tsalign.config.schema import conf_dir
+
+    shipped = conf_dir() / "accelerate" / f"{name}.yaml"
+    path = shipped if shipped.is_file() else Path(name).expanduser()
+    if not path.is_file():
+        options = ", ".join(sorted(p.stem for p in shipped.parent.glob("*.yaml")))
+        raise TsalignError(f"launch.accelerate_config={name}: no such file; use one of {options} or a path")
+    return path
+
+
+def stage_launcher(cfg: DictConfig, stage: str) -> list[str]:
+    """The command that starts a stage: `python -m tsalign.cli`, or under `accelerate launch` for the
+    training stages when launch.processes > 1 or an accelerate config is named, and for generate when
+    launch.generate_processes > 1 (plain `--multi_gpu` processes, one prompt shard and one engine each;
+    the training stages' accelerate config is not theirs)."""
+    plain = [sys.executable, "-m", "tsalign.cli"]
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    launch = cfg.launch
+    if stage == "generate":
+        if launch.generate_processes <= 1:
+            return plain
+        return [*accelerate, "--multi_gpu", "--num_processes", str(launch.generate_processes), *plain[1:]]
+    if stage not in MULTI_PROCESS_STAGES or (launch.processes <= 1 and not launch.accelerate_config):
+        return plain
+    config = ["--config_file", str(accelerate_config_file(launch.accelerate_config))] if launch.accelerate_config \
+        else ["--multi_gpu"]  # torchrun-style processes; on a CPU machine they train over gloo
+    processes = ["--num_processes", str(launch.processes)] if launch.processes > 1 else []
+    return [*accelerate, *config, *processes, *plain[1:]]
+
+
+def run_loop(cfg: DictConfig, task_overrides: list[str] | None = None) -> None:
+    check_loop(cfg)  # K, base model paths and lengths, prompts: before the first stage starts
+    overrides = child_overrides(task_overrides or [])
+    hydra_dir = Path(cfg.experiment_dir) / "_hydra"
+    for t in range(cfg.iteration, cfg.iteration + cfg.iterations):
+        for stage in PIPELINE:
+            state = status(cfg, stage, t)
+            if state == "done":
+                print(f"[loop] iter_{t}/{stage}: done, skipped")
+                continue
+            redo = ["redo=true"] if state == "changed" else []
+            cmd = [*stage_launcher(cfg, stage), *overrides, *redo, f"stage={stage}", f"iteration={t}",
+                   f"experiment_dir={quoted(cfg.experiment_dir)}", f"experiment_name={quoted(cfg.experiment_name)}",
+                   f"hydra.run.dir={quoted(f'{hydra_dir}/iter_{t}_{stage}')}"]
+            print(f"[loop] iter_{t}/{stage}: starting", flush=True)
+            code = subprocess.run(cmd, preexec_fn=_die_with_parent).returncode
+            if code != 0:
+                raise TsalignError(f"iter_{t}/{stage} failed (exit {code}, its message is above); "
+                                   "fix it and rerun the same command: finished stages are kept")
+    print_summary(Path(cfg.experiment_dir), range(cfg.iteration + cfg.iterations))
+    from tsalign.views.report import report_after_run
+
+    report_after_run(Path(cfg.experiment_dir))
+
+
+def _get(manifest: dict | None, key: str):
+    return None if manifest is None else manifest.get("counts", {}).get(key)
+
+
+def summary_rows(experiment: Path, iterations) -> list[dict]:
+    rows = []
+    for t in iterations:
+        m = {s: read_manifest(stage_dir(experiment, t, s)) for s in PIPELINE}
+        rows.append({
+            "iter": t, "pairs": _get(m["rank"], "pairs"), "teacher_calls": _get(m["rank"], "teacher_calls"),
+            "agreement_rank": _get(m["rank"], "student_teacher_agreement"),
+            "agreement_distilled": _get(m["evaluate"], "student_agreement"),
+            "student_human": _get(m["distill"], "human_accuracy_after"),
+            "longer_wins": _get(m["distill"], "human_longer_wins"),
+            "student_labels_auc": _get(m["distill"], "human_labels_auc_after"),
+            "dpo_loss": _get(m["dpo"], "train_loss"),
+            "win_rate": _get(m["evaluate"], "win_rate"),
+            "ci": None if m["evaluate"] is None else (_get(m["evaluate"], "ci_low"), _get(m["evaluate"], "ci_high")),
+            "lc_win_rate": _get(m["evaluate"], "lc_win_rate"),
+            "control": _get(m["evaluate"], "control_win_rate"),
+            "judge_is_teacher": _get(m["evaluate"], "judge_is_teacher"),
+            "wall_s": {s: (v or {}).get("wall_time_s") for s, v in m.items()},
+        })
+    return rows
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    if isinstance(v, tuple):
+        return "[" + ", ".join(_fmt(x, 2) for x in v) + "]"
+    return str(v)
+
+
+def print_summary(experiment: Path, iterations) -> None:
+    rows = summary_rows(experiment, iterations)
+    head = ["iter", "pairs", "teacher_calls", "agreement_rank", "agreement_distilled", "student_human", "longer_wins",
+            "student_labels_auc", "dpo_loss", "win_rate", "ci",
+            "lc_win_rate", "control"]
+    table = [head] + [[_fmt(r[h]) for h in head] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    print(f"\nTS-Align summary: {experiment}")
+    for row in table:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    print("stage wall times (s): " + "; ".join(
+        f"iter_{r['iter']}: " + ", ".join(f"{s} {_fmt(w, 1)}" for s, w in r["wall_s"].items()) for r in rows))
+    if any(r["judge_is_teacher"] for r in rows):
+        print("win rates are judged by the training teacher: fit to the optimised reward, not quality "
+              "(evaluate.judge=<conf/teacher option> for an independent judge)")
+    plots = sorted(experiment.glob("iter_*/evaluate/progress.png"))
+    if plots:
+        print(f"plot: {plots[-1]}")
