@@ -49,7 +49,7 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tsalign.config.choices import PIPELINE  # noqa: E402
+from tsalign.stages.registry import PIPELINE  # noqa: E402
 
 STAGES = tuple(str(s) for s in PIPELINE)
 PY = sys.executable

@@ -166,7 +166,7 @@ def predicted(overrides: list[str]) -> dict[str, float]:
 
         import tsalign.cli
         from tsalign.config.schema import register_configs
-        from tsalign.views.plan import STAGE_PLANS, target_of
+        from tsalign.stages.resource_plan import STAGE_PLANS, target_of
 
         register_configs()
         with hydra.initialize_config_dir(config_dir=tsalign.cli.CONF_DIR, version_base="1.3"):

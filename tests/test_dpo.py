@@ -11,13 +11,14 @@ import torch
 from omegaconf import OmegaConf
 
 import tsalign.cli
-from tsalign.artifacts.store import StageRun, atomic_write_jsonl, read_manifest, stage_dir
-from tsalign.errors import TsalignError
-from tsalign.stages.lineage import base_model_dir
-from tsalign.engines.models import load_causal_lm, load_tokenizer
 from tsalign.algorithms.pairs import chat_len, fit_pair, to_trl_row
+from tsalign.artifacts.store import StageRun, atomic_write_jsonl, read_manifest, stage_dir
+from tsalign.engines.models import load_causal_lm, load_tokenizer
+from tsalign.errors import TsalignError
 from tsalign.pipeline.runner import run_stage
 from tsalign.stages import dpo
+from tsalign.stages.lineage import base_model_dir
+from tsalign.training.dpo_trainer import trained_dtype
 
 FAST = ["dpo.max_steps=2", "dpo.batch_size=2", "dpo.max_length=96", "dpo.save_steps=100",
         "optimizer.learning_rate=1e-3"]
@@ -62,8 +63,8 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_full_dpo_keeps_fp32_master_weights(tmp_path):
     """bf16 policies train full DPO on fp32 weights (bf16 only as autocast); LoRA keeps the base as given."""
-    assert dpo.trained_dtype(config(tmp_path, "policy.dtype=bfloat16")) == "float32"
-    assert dpo.trained_dtype(config(tmp_path, "policy.dtype=bfloat16", "dpo.lora=true")) == "bfloat16"
+    assert trained_dtype(config(tmp_path, "policy.dtype=bfloat16")) == "float32"
+    assert trained_dtype(config(tmp_path, "policy.dtype=bfloat16", "dpo.lora=true")) == "bfloat16"
 
 
 @pytest.mark.parametrize("overrides, reference", [((), "pi_t"), (("dpo.reference=initial",), "pi_0"),

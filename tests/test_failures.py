@@ -21,9 +21,9 @@ import torch
 from conftest import REPO, run_stage_inprocess
 
 from tsalign.artifacts.store import read_manifest, stage_dir
-from tsalign.training.divergence import check_weights, divergence
 from tsalign.errors import TsalignError
 from tsalign.stages.lineage import base_model_dir
+from tsalign.training.divergence import check_weights, divergence
 
 BASE = ["experiment_name=f", "data.max_prompts=2", "dpo.max_steps=2", "dpo.max_length=96", "device=cpu"]
 FINISHED = ("generate", "rank", "distill", "dpo")

@@ -12,8 +12,8 @@ import pytest
 import tsalign.engines.sampling
 import tsalign.engines.sampling.resumable as resumable
 from tsalign.artifacts.store import ConfigChanged, read_jsonl, read_manifest
-from tsalign.errors import TsalignError
 from tsalign.engines.sampling import SamplingParams, make_sampler
+from tsalign.errors import TsalignError
 
 FINISH = {"stop", "length"}
 

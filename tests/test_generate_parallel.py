@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_stage_inprocess, stage_config
 
-from tsalign import distributed
 from tsalign.artifacts.store import atomic_write_text, config_hash, read_jsonl, read_manifest, stage_dir
-from tsalign.pipeline.runner import stage_record
 from tsalign.engines.sampling.resumable import chunk_prompts, shard_ranges
 from tsalign.pipeline.loop import stage_launcher
+from tsalign.pipeline.runner import stage_record
+from tsalign.stages.registry import spec
 
 # 20 prompts in chunks of 8: chunks 0 (prompts 0-7) and 2 (16-19) are shard 0's, chunk 1 (8-15) shard 1's
 GEN = ["stage=generate", "iteration=0", "device=cpu", "data.prompts_per_iteration=20", "generate.num_candidates=2",
@@ -58,7 +58,7 @@ def test_chunks_are_dealt_to_shards_in_turn():
     assert shard_ranges(20, 8, 1, 2) == [range(8, 16)]
     assert shard_ranges(20, 8) == [range(0, 8), range(8, 16), range(16, 20)]
     assert shard_ranges(4, 8, 1, 2) == []  # more processes than chunks: that process loads no model
-    assert "generate" in distributed.MULTI_PROCESS_STAGES
+    assert spec("generate").multi_process
 
 
 def test_the_loop_launches_generate_over_generate_processes(compose):

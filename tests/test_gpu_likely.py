@@ -103,8 +103,8 @@ def test_adpa_dckd_starts_the_greedy_engine_on_a_released_device(tmp_path, monke
     from conftest import run_stage_inprocess, stage_config
 
     from tsalign.artifacts.store import atomic_write_jsonl
-    from tsalign.stages.lineage import base_model_dir
     from tsalign.stages import pdistill
+    from tsalign.stages.lineage import base_model_dir
 
     out = tmp_path / "outputs"
     cfg = stage_config(out, ["stage=pdistill"])

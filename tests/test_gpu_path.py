@@ -12,6 +12,7 @@ import torch
 
 from tsalign import distributed
 from tsalign.errors import TsalignError
+from tsalign.stages.registry import REGISTRY
 
 
 @pytest.fixture
@@ -73,6 +74,11 @@ def visible_gpus(monkeypatch):
     return node
 
 
+def narrow(stage: str):
+    """What the CLI does before a stage starts (tsalign.cli.configure)."""
+    return distributed.narrow_visible_gpus(stage, stage in REGISTRY and REGISTRY[stage].trains)
+
+
 @pytest.mark.parametrize("stage", ["dpo", "distill", "pdistill"])
 def test_a_training_stage_run_in_one_process_keeps_one_of_several_gpus(visible_gpus, stage):
     """Without it transformers' Trainer sees n_gpu = 8: TRL's DPOTrainer raises "does not support
@@ -80,7 +86,7 @@ def test_a_training_stage_run_in_one_process_keeps_one_of_several_gpus(visible_g
     import os
 
     visible_gpus(8)
-    note = distributed.narrow_visible_gpus(stage)
+    note = narrow(stage)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0" and torch.cuda.device_count() == 1
     assert "8 GPUs visible" in note and "--num_processes 8" in note and "launch.processes=8" in note
 
@@ -90,14 +96,14 @@ def test_narrowing_keeps_the_first_gpu_the_user_made_visible(visible_gpus, monke
 
     visible_gpus(8)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    distributed.narrow_visible_gpus("dpo")
+    narrow("dpo")
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
 
 
 def test_too_late_to_narrow_is_one_line_naming_the_fix(visible_gpus):
     visible_gpus(4, counted_already=True)
     with pytest.raises(TsalignError, match=r"4 GPUs are visible and stage=dpo .*CUDA_VISIBLE_DEVICES=0"):
-        distributed.narrow_visible_gpus("dpo")
+        narrow("dpo")
 
 
 @pytest.mark.parametrize("stage", ["generate", "rank", "evaluate", "loop"])
@@ -106,7 +112,7 @@ def test_engines_and_the_loop_keep_every_gpu(visible_gpus, stage):
     import os
 
     visible_gpus(8)
-    assert distributed.narrow_visible_gpus(stage) is None and "CUDA_VISIBLE_DEVICES" not in os.environ
+    assert narrow(stage) is None and "CUDA_VISIBLE_DEVICES" not in os.environ
 
 
 def test_under_accelerate_launch_nothing_is_narrowed(visible_gpus, monkeypatch):
@@ -114,7 +120,7 @@ def test_under_accelerate_launch_nothing_is_narrowed(visible_gpus, monkeypatch):
 
     visible_gpus(8)
     monkeypatch.setenv("WORLD_SIZE", "8")
-    assert distributed.narrow_visible_gpus("dpo") is None and "CUDA_VISIBLE_DEVICES" not in os.environ
+    assert narrow("dpo") is None and "CUDA_VISIBLE_DEVICES" not in os.environ
 
 
 def test_the_cli_narrows_before_the_stage_starts(visible_gpus, compose, capsys):
@@ -170,8 +176,8 @@ def test_the_llama_preset_composes_and_passes_preflight_with_its_own_data(llama_
     """model=llama stopped in preflight: 805 AlpacaEval prompts < 256 held out + 2000 per iteration, and
     the DeBERTa student's max_length 1024 > its 512 positions."""
     import tsalign.cli
-    from tsalign.stages.lineage import training_prompts
     from tsalign.stages.checks import check_loop
+    from tsalign.stages.lineage import training_prompts
 
     cfg = tsalign.cli.configure(compose(["model=llama", "stage=loop", "iterations=3",
                                          f"paths.outputs={tmp_path / 'outputs'}"]))
@@ -255,10 +261,10 @@ def test_a_lora_adapter_gathered_from_sharded_weights_is_merged_into_a_fresh_bas
     the base loaded afresh: in place, PEFT would add into empty ZeRO-3 partitions (shape-[0] weights)."""
     from peft import LoraConfig, get_peft_model
 
-    from tsalign.training.divergence import largest_weight
-    from tsalign.stages.lineage import base_model_dir
     from tsalign.engines.models import load_causal_lm, load_tokenizer
     from tsalign.stages import dpo
+    from tsalign.stages.lineage import base_model_dir
+    from tsalign.training.divergence import largest_weight
 
     cfg = compose(["model=tiny", "dpo.lora=true"])
     base = base_model_dir(cfg, cfg.policy)

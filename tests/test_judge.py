@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 import tsalign.cli
-from tsalign.errors import TsalignError
 from tsalign.engines.scoring import make_scorer
 from tsalign.engines.scoring.judge import JudgeScorer, combine_orders, round_robin
+from tsalign.errors import TsalignError
 
 CONF = Path(tsalign.cli.CONF_DIR)
 PROMPT = [{"role": "user", "content": "What is 2 + 2?"}]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli, run_stage_inprocess
 
-from tsalign.config.schema import PIPELINE
+from tsalign.stages.registry import PIPELINE
 
 FAST = ["model=tiny", "dpo.max_steps=2", "dpo.save_steps=1", "evaluate.control=true", "sampler.max_new_tokens=8"]
 
@@ -184,8 +184,8 @@ def test_evaluate_with_an_independent_judge(looped):
 
 
 def test_unknown_judge_option_lists_the_options():
-    from tsalign.stages.factory import teacher_option
     from tsalign.errors import TsalignError
+    from tsalign.stages.factory import teacher_option
 
     with pytest.raises(TsalignError, match="minilm_rm"):
         teacher_option("no_such_judge")

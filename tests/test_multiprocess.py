@@ -15,7 +15,8 @@ from conftest import REPO, run_stage_inprocess
 from safetensors.torch import load_file
 
 from tsalign.artifacts.store import read_manifest, stage_dir
-from tsalign.pipeline.loop import accelerate_config_file, stage_launcher
+from tsalign.config.options import accelerate_config_file
+from tsalign.pipeline.loop import stage_launcher
 
 # dropout off in the tiny student, so one process and two see the same arithmetic
 STUDENT = ["+student.tiny.hidden_dropout_prob=0.0", "+student.tiny.attention_probs_dropout_prob=0.0"]

@@ -12,9 +12,9 @@ import torch
 from conftest import run_cli, run_stage_inprocess, stage_config
 
 from tsalign.artifacts.store import StageRun, atomic_write_jsonl, read_manifest, stage_dir
+from tsalign.engines.models import load_causal_lm
 from tsalign.errors import TsalignError
 from tsalign.stages.lineage import base_model_dir
-from tsalign.engines.models import load_causal_lm
 
 QA = [
     ("What is the capital of France?", "The capital of France is Paris.", "France is a country in Europe."),

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tsalign.views import plan
 from tsalign.algorithms import memory as resources
-from tsalign.errors import TsalignError
 from tsalign.algorithms.memory import GIB, Launch
+from tsalign.errors import TsalignError
+from tsalign.stages import resource_plan as plan
 
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
@@ -398,7 +398,7 @@ def test_gpus_are_read_from_nvidia_smi_without_starting_cuda(monkeypatch):
     loop; visible devices fixed before a training stage narrows them): nvidia-smi lists them instead."""
     import subprocess
 
-    from tsalign.views import plan
+    from tsalign.stages import resource_plan as plan
 
     listing = "0, GPU-aaaa-1, NVIDIA H100 80GB HBM3, 81559\n1, GPU-bbbb-2, NVIDIA H100 80GB HBM3, 81559\n"
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=listing))

@@ -13,13 +13,13 @@ import torch
 from omegaconf import OmegaConf
 
 import tsalign.cli
+from tsalign.algorithms.selection import Verdict, student_agrees
 from tsalign.artifacts.store import ConfigChanged, read_jsonl, read_manifest, stage_dir
 from tsalign.config.schema import FitSpec
-from tsalign.stages.factory import student_base_dir, teacher_model_dir
 from tsalign.errors import TsalignError
-from tsalign.stages.lineage import base_model_dir
 from tsalign.pipeline.runner import run_stage
-from tsalign.algorithms.selection import Verdict, student_agrees
+from tsalign.stages.factory import student_base_dir, teacher_model_dir
+from tsalign.stages.lineage import base_model_dir
 
 K, PROMPTS = 3, 4  # conf/model/tiny.yaml: generate.num_candidates, data.prompts_per_iteration
 

@@ -21,12 +21,12 @@ from omegaconf import OmegaConf
 from stub_server import TEMPLATE, StubTeacher
 
 from tsalign.config.schema import ServedOptions
-from tsalign.errors import TsalignError
 from tsalign.engines.scoring import make_scorer
 from tsalign.engines.scoring.served import check_options, identity
 from tsalign.engines.scoring.served.answers import judge_verdict, parse_choice, rewards
 from tsalign.engines.scoring.served.client import backoff_delay, endpoint
 from tsalign.engines.scoring.served.ledger import VerdictLedger, item_key
+from tsalign.errors import TsalignError
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 SHORT, LONG = "Paris.", "Paris is the capital and the largest city of France."

@@ -22,11 +22,11 @@ from omegaconf import OmegaConf  # noqa: E402
 
 import tsalign.cli  # noqa: E402
 from tsalign.config.schema import ServedOptions  # noqa: E402
-from tsalign.stages.factory import teacher_model_dir  # noqa: E402
-from tsalign.stages.lineage import base_model_dir  # noqa: E402
 from tsalign.engines.models import load_tokenizer  # noqa: E402
 from tsalign.engines.scoring import make_scorer  # noqa: E402
 from tsalign.engines.scoring.served.vllm_server import vllm_server  # noqa: E402
+from tsalign.stages.factory import teacher_model_dir  # noqa: E402
+from tsalign.stages.lineage import base_model_dir  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 CONF = tsalign.cli.CONF_DIR

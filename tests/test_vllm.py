@@ -18,10 +18,10 @@ else:
 
 import tsalign.cli  # noqa: E402
 import tsalign.engines.vllm_engine as engine  # noqa: E402
-from tsalign.errors import TsalignError  # noqa: E402
 from tsalign.engines.models import resolve_model_dir  # noqa: E402
 from tsalign.engines.sampling import SamplingParams, make_sampler  # noqa: E402
 from tsalign.engines.scoring import make_scorer  # noqa: E402
+from tsalign.errors import TsalignError  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 CONF = Path(tsalign.cli.CONF_DIR)

@@ -20,7 +20,7 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from tsalign.config.choices import ROLE_KINDS, Stage
+from tsalign.config.choices import ROLE_KINDS
 from tsalign.config.schema import conf_dir, register_configs
 from tsalign.errors import TsalignError
 
@@ -82,8 +82,10 @@ def configure(cfg: DictConfig) -> DictConfig:
     validate(cfg)
     cfg.experiment_dir = str(experiment_dir(cfg))
     from tsalign.distributed import narrow_visible_gpus
+    from tsalign.stages.registry import REGISTRY
 
-    note = narrow_visible_gpus(str(cfg.stage))  # before anything starts CUDA or loads a model
+    stage = REGISTRY.get(str(cfg.stage))
+    note = narrow_visible_gpus(str(cfg.stage), stage is not None and stage.trains)  # before CUDA starts
     if note:
         print(note)
     if cfg.threads:
@@ -91,6 +93,36 @@ def configure(cfg: DictConfig) -> DictConfig:
 
         torch.set_num_threads(cfg.threads)
     return cfg
+
+
+def show_status(cfg: DictConfig) -> None:
+    from tsalign.views.status import main
+
+    main(Path(cfg.experiment_dir), cfg.iterations)
+
+
+def write_report(cfg: DictConfig) -> None:
+    from tsalign.views.report import main
+
+    main(Path(cfg.experiment_dir))
+
+
+def show_plan(cfg: DictConfig) -> None:
+    from tsalign.views.plan import main
+
+    main(cfg)
+
+
+def run_loop(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from tsalign.pipeline.loop import run_loop as loop
+
+    loop(cfg, list(HydraConfig.get().overrides.task))
+
+
+# stage= values that are not stages: commands over an experiment (every other value is a registry stage)
+COMMANDS = {"loop": run_loop, "status": show_status, "report": write_report, "plan": show_plan}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -101,25 +133,10 @@ def _main(cfg: DictConfig) -> None:
         print(f"[tsalign] stage={cfg.stage} iteration={cfg.iteration} experiment={cfg.experiment_dir} "
               f"policy={cfg.policy.name} teacher={cfg.teacher.name} student={cfg.student.name} "
               f"sampler={cfg.sampler.backend}")
-        if cfg.stage == Stage.status:
-            from tsalign.views.status import main as show_status
-
-            show_status(Path(cfg.experiment_dir), cfg.iterations)
-        elif cfg.stage == Stage.report:
-            from tsalign.views.report import main as write_report
-
-            write_report(Path(cfg.experiment_dir))
-        elif cfg.stage == Stage.plan:
-            from tsalign.views.plan import main as show_plan
-
-            show_plan(cfg)
-        elif cfg.stage == Stage.loop:
-            from hydra.core.hydra_config import HydraConfig
-
-            from tsalign.pipeline.loop import run_loop
-
-            run_loop(cfg, list(HydraConfig.get().overrides.task))
-        else:
+        command = COMMANDS.get(str(cfg.stage))
+        if command is not None:
+            command(cfg)
+        else:  # a stage of tsalign.stages.registry
             from tsalign.pipeline.runner import run_stage
 
             run_stage(cfg, str(cfg.stage))

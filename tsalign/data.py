@@ -24,10 +24,10 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from tsalign.artifacts.locks import build_once
 from tsalign.artifacts.store import atomic_write_bytes, read_jsonl, utf8_text
 from tsalign.config.choices import DataSource, Schedule
 from tsalign.errors import TsalignError
-from tsalign.artifacts.locks import build_once
 
 SDISTS = {
     "alpaca_eval": ("alpaca-eval", "0.6.6", "alpaca_eval-0.6.6/example/outputs.json"),

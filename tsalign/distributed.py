@@ -15,13 +15,6 @@ from __future__ import annotations
 import functools
 import os
 
-# stages that run data-parallel (dpo / distill train on slices of each batch, generate samples a shard of
-# the prompts per process); the others run in one process (a vLLM engine has its own tensor parallelism)
-MULTI_PROCESS_STAGES = ("generate", "dpo", "distill")
-# stages that train one model copy per process: a plain run that sees several GPUs would have transformers'
-# Trainer wrap the model in nn.DataParallel (TRL's DPOTrainer refuses that, after the policy has loaded)
-SINGLE_GPU_TRAINING = ("dpo", "distill", "pdistill")
-
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -64,11 +57,13 @@ def collective_device():
     return torch.device("cpu")
 
 
-def narrow_visible_gpus(stage: str) -> str | None:
-    """A training stage run in one process (no `accelerate launch`) on a node with several GPUs keeps the
-    first visible GPU only (CUDA_VISIBLE_DEVICES, set before CUDA starts, which torch documents as read
-    then), so no Trainer wraps the model in nn.DataParallel. Returns the note to print, or None."""
-    if launched() or stage not in SINGLE_GPU_TRAINING:
+def narrow_visible_gpus(stage: str, trains: bool) -> str | None:
+    """A stage that trains one model copy per process (tsalign.stages.registry: `trains`), run in one process
+    (no `accelerate launch`) on a node with several GPUs, keeps the first visible GPU only
+    (CUDA_VISIBLE_DEVICES, set before CUDA starts, which torch documents as read then): else transformers'
+    Trainer wraps the model in nn.DataParallel (TRL's DPOTrainer refuses that after the policy has loaded).
+    Returns the note to print, or None."""
+    if launched() or not trains:
         return None
     import torch
 

@@ -23,7 +23,6 @@ class Stage(StrEnum):
     plan = "plan"  # per stage: the models it holds, memory per device, whether it fits (reads config.json only)
 
 
-PIPELINE = (Stage.generate, Stage.rank, Stage.distill, Stage.dpo, Stage.evaluate)
 
 
 class ModelKind(StrEnum):

@@ -15,7 +15,6 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from tsalign.config.choices import (
-    PIPELINE,
     AdvantageClip,
     BudgetScope,
     Correction,
@@ -37,7 +36,7 @@ from tsalign.config.choices import (
 )
 
 STAGES = tuple(Stage)
-__all__ = ["PIPELINE", "STAGES", "TsalignConfig", "register_configs", "conf_dir"]
+__all__ = ["STAGES", "TsalignConfig", "register_configs", "conf_dir"]
 
 
 @dataclass

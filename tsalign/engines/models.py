@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tsalign.artifacts.locks import build_once
 from tsalign.artifacts.store import atomic_dir, config_hash
 from tsalign.config.choices import Dtype
 from tsalign.errors import TsalignError
-from tsalign.artifacts.locks import build_once
 
 log = logging.getLogger(__name__)
 

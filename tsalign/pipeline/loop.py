@@ -19,12 +19,13 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from tsalign.artifacts.store import ConfigChanged, read_manifest, stage_dir
-from tsalign.config.choices import PIPELINE
-from tsalign.distributed import MULTI_PROCESS_STAGES
+from tsalign.config.options import accelerate_config_file
 from tsalign.errors import TsalignError
-from tsalign.stages.lineage import experiment_dir
-from tsalign.stages.checks import check_loop
 from tsalign.pipeline.runner import stage_record
+from tsalign.stages.checks import check_loop
+from tsalign.stages.lineage import experiment_dir
+from tsalign.stages.registry import PIPELINE, spec
+from tsalign.views.summary import counts, fmt, iteration_record, summary_table, wall_times
 
 _OWN_KEYS = ("stage", "iteration", "iterations", "experiment_dir", "experiment_name", "redo")
 
@@ -68,18 +69,6 @@ def status(cfg: DictConfig, stage: str, t: int) -> str:
         raise
 
 
-def accelerate_config_file(name: str) -> Path:
-    """conf/accelerate/<name>.yaml, or a path to an accelerate config file."""
-    from tsalign.config.schema import conf_dir
-
-    shipped = conf_dir() / "accelerate" / f"{name}.yaml"
-    path = shipped if shipped.is_file() else Path(name).expanduser()
-    if not path.is_file():
-        options = ", ".join(sorted(p.stem for p in shipped.parent.glob("*.yaml")))
-        raise TsalignError(f"launch.accelerate_config={name}: no such file; use one of {options} or a path")
-    return path
-
-
 def stage_launcher(cfg: DictConfig, stage: str) -> list[str]:
     """The command that starts a stage: `python -m tsalign.cli`, or under `accelerate launch` for the
     training stages when launch.processes > 1 or an accelerate config is named, and for generate when
@@ -92,7 +81,7 @@ def stage_launcher(cfg: DictConfig, stage: str) -> list[str]:
         if launch.generate_processes <= 1:
             return plain
         return [*accelerate, "--multi_gpu", "--num_processes", str(launch.generate_processes), *plain[1:]]
-    if stage not in MULTI_PROCESS_STAGES or (launch.processes <= 1 and not launch.accelerate_config):
+    if not spec(stage).multi_process or (launch.processes <= 1 and not launch.accelerate_config):
         return plain
     config = ["--config_file", str(accelerate_config_file(launch.accelerate_config))] if launch.accelerate_config \
         else ["--multi_gpu"]  # torchrun-style processes; on a CPU machine they train over gloo
@@ -125,55 +114,17 @@ def run_loop(cfg: DictConfig, task_overrides: list[str] | None = None) -> None:
     report_after_run(Path(cfg.experiment_dir))
 
 
-def _get(manifest: dict | None, key: str):
-    return None if manifest is None else manifest.get("counts", {}).get(key)
-
-
-def summary_rows(experiment: Path, iterations) -> list[dict]:
-    rows = []
-    for t in iterations:
-        m = {s: read_manifest(stage_dir(experiment, t, s)) for s in PIPELINE}
-        rows.append({
-            "iter": t, "pairs": _get(m["rank"], "pairs"), "teacher_calls": _get(m["rank"], "teacher_calls"),
-            "agreement_rank": _get(m["rank"], "student_teacher_agreement"),
-            "agreement_distilled": _get(m["evaluate"], "student_agreement"),
-            "student_human": _get(m["distill"], "human_accuracy_after"),
-            "longer_wins": _get(m["distill"], "human_longer_wins"),
-            "student_labels_auc": _get(m["distill"], "human_labels_auc_after"),
-            "dpo_loss": _get(m["dpo"], "train_loss"),
-            "win_rate": _get(m["evaluate"], "win_rate"),
-            "ci": None if m["evaluate"] is None else (_get(m["evaluate"], "ci_low"), _get(m["evaluate"], "ci_high")),
-            "lc_win_rate": _get(m["evaluate"], "lc_win_rate"),
-            "control": _get(m["evaluate"], "control_win_rate"),
-            "judge_is_teacher": _get(m["evaluate"], "judge_is_teacher"),
-            "wall_s": {s: (v or {}).get("wall_time_s") for s, v in m.items()},
-        })
-    return rows
-
-
-def _fmt(v, digits: int = 3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    if isinstance(v, tuple):
-        return "[" + ", ".join(_fmt(x, 2) for x in v) + "]"
-    return str(v)
-
-
 def print_summary(experiment: Path, iterations) -> None:
-    rows = summary_rows(experiment, iterations)
-    head = ["iter", "pairs", "teacher_calls", "agreement_rank", "agreement_distilled", "student_human", "longer_wins",
-            "student_labels_auc", "dpo_loss", "win_rate", "ci",
-            "lc_win_rate", "control"]
-    table = [head] + [[_fmt(r[h]) for h in head] for r in rows]
+    records = [iteration_record(experiment, t) for t in iterations]
+    head, rows = summary_table(records)
+    table = [head, *rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     print(f"\nTS-Align summary: {experiment}")
     for row in table:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
     print("stage wall times (s): " + "; ".join(
-        f"iter_{r['iter']}: " + ", ".join(f"{s} {_fmt(w, 1)}" for s, w in r["wall_s"].items()) for r in rows))
-    if any(r["judge_is_teacher"] for r in rows):
+        f"iter_{r['iteration']}: " + ", ".join(f"{s} {fmt(w, 1)}" for s, w in wall_times(r).items()) for r in records))
+    if any(counts(r, "evaluate").get("judge_is_teacher") for r in records):
         print("win rates are judged by the training teacher: fit to the optimised reward, not quality "
               "(evaluate.judge=<conf/teacher option> for an independent judge)")
     plots = sorted(experiment.glob("iter_*/evaluate/progress.png"))

@@ -1,9 +1,9 @@
 """Runs one stage of one iteration: skip it when its manifest matches, else run it and write the
-manifest last. The one place that knows every stage (REGISTRY) and the stage lifecycle:
+manifest last. The stage lifecycle (the stages themselves are described in tsalign.stages.registry):
 
     record  = stage_record(cfg, name)          plan -> StageRun (config slice + inputs; nothing loaded)
     is_done -> skip                             matching manifest, outputs verified intact
-    check_stage                                 paths, roles, lengths, K, tracker: no model loaded, nothing written
+    check_stage                                 stage.check + memory fit: no model loaded, nothing written
     begin   -> StageContext -> stage.run(ctx)  -> StageResult -> finish (manifest written last)
 """
 
@@ -17,19 +17,16 @@ from omegaconf import DictConfig, OmegaConf
 from tsalign import distributed
 from tsalign.artifacts.store import StageRun, read_manifest, stage_dir, stage_lock
 from tsalign.errors import TsalignError
-from tsalign.stages.lineage import experiment_dir
 from tsalign.stages.checks import check_stage
-from tsalign.stages import distill, dpo, evaluate, generate, pdistill, rank
 from tsalign.stages.contract import Plan, Stage, StageContext
+from tsalign.stages.lineage import experiment_dir
+from tsalign.stages.registry import MULTI_PROCESS, spec
 from tsalign.views.tracking import Tracker, start_tracker
-
-REGISTRY: dict[str, Stage] = {s.name: s for s in (generate.STAGE, rank.STAGE, distill.STAGE, dpo.STAGE, evaluate.STAGE,
-                                                   pdistill.STAGE)}
 
 
 def stage_record(cfg: DictConfig, name: str) -> tuple[Stage, Plan, StageRun]:
     """The stage, its plan and its run record (directory, config slice, inputs) at cfg.iteration."""
-    stage = REGISTRY[name]
+    stage = spec(name).load()
     plan = stage.plan(cfg)
     t = cfg.iteration
     run = StageRun(stage_dir(experiment_dir(cfg), t, name), name, t, {"iteration": t, **plan.config}, plan.inputs,
@@ -42,15 +39,14 @@ def run_stage(cfg: DictConfig, name: str) -> dict:
     Under `accelerate launch` (tsalign.distributed) every process runs the stage and the main one
     alone holds the lock, writes the manifest and the tracker run."""
     stage, plan, run = stage_record(cfg, name)
-    if distributed.launched() and name not in distributed.MULTI_PROCESS_STAGES:
-        raise TsalignError(f"stage={name} runs in one process; launch only "
-                           f"{' / '.join(distributed.MULTI_PROCESS_STAGES)} with accelerate")
+    if distributed.launched() and not spec(name).multi_process:
+        raise TsalignError(f"stage={name} runs in one process; launch only {' / '.join(MULTI_PROCESS)} with accelerate")
     main = distributed.is_main()
     with stage_lock(run.directory) if main else contextlib.nullcontext():
         if distributed.from_main(run.is_done):
             print(f"[tsalign] iter_{cfg.iteration}/{name}: done already (manifest matches), skipped")
             return read_manifest(run.directory)
-        check_stage(cfg, name)  # before anything is written or loaded: a bad path or length is one line
+        check_stage(cfg, stage)  # before anything is written or loaded: a bad path or length is one line
         tracker = start_tracker(cfg.logger.backend, cfg.logger.project, cfg.experiment_name, name, cfg.iteration,
                                 OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
                                 experiment_dir(cfg) / "wandb", cfg.logger.mode, cfg.logger.entity) \

@@ -13,12 +13,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from tsalign.artifacts.store import read_manifest
-from tsalign.config.choices import ModelKind, Reference, Selection
-from tsalign.errors import TsalignError
-from tsalign.stages.lineage import finished_output, policy_source, prompt_split, student_source, training_prompts
+from tsalign.config.choices import ModelKind
 from tsalign.engines.models import model_config
-from tsalign.views.plan import check_fits
+from tsalign.errors import TsalignError
+from tsalign.stages.lineage import prompt_split
+from tsalign.stages.resource_plan import check_fits
 from tsalign.views.tracking import check_tracker
 
 # position ids of these start after the padding index: 514 positions read 512 tokens
@@ -79,7 +78,7 @@ def check_lengths(model: ModelInfo, lengths: dict[str, int]) -> None:
                                f"max_position_embeddings in its config.json); set {key}={limit} or less")
 
 
-def _is_causal_lm(config: dict) -> str | None:
+def is_causal_lm(config: dict) -> str | None:
     """The causal-LM architecture of a config, or None (classifiers, encoders, unknown)."""
     archs = config.get("architectures") or []
     if any("SequenceClassification" in a for a in archs):
@@ -92,7 +91,7 @@ def check_reward_model(model: ModelInfo, key: str, spec: DictConfig) -> None:
     head. A causal LM would get a random score head and 'work' with meaningless scores: refused."""
     if not model.base or spec.tiny or spec.kind != ModelKind.reward_model or model.config is None:
         return  # trained outputs are classifiers; tiny test models are built with the head their kind needs
-    arch = _is_causal_lm(model.config)
+    arch = is_causal_lm(model.config)
     if arch:
         judge = " (or teacher.kind=judge to ask it as an LLM judge)" if key == "teacher" else ""
         raise TsalignError(f"{model.name} is a causal LM ({arch}), not a reward model: {key} must be a sequence "
@@ -158,81 +157,12 @@ def check_judge(cfg: DictConfig) -> None:
         raise TsalignError(f"evaluate.judge={cfg.evaluate.judge}: {e}") from None
 
 
-def candidates_per_prompt(cfg: DictConfig) -> tuple[int | None, Path]:
-    """K of the candidates rank reads, from their generate manifest."""
-    from tsalign.stages.rank import candidates_file
-
-    path = candidates_file(cfg)
-    config = (read_manifest(path.parent) or {}).get("config", {})
-    return config.get("generate", {}).get("num_candidates"), path
-
-
-# ---------------------------------------------------------------- per stage
-
-
-def generate(cfg: DictConfig) -> None:
-    model_at(cfg, "policy", policy_source(cfg, cfg.iteration)[0])
-    training_prompts(cfg, cfg.iteration)
-    if cfg.generate.num_candidates < 2:
-        print(f"[tsalign] note: generate.num_candidates={cfg.generate.num_candidates}: rank needs at least 2 "
-              "candidates per prompt to make a pair")
-
-
-def rank(cfg: DictConfig) -> None:
-    k, path = candidates_per_prompt(cfg)
-    if k is not None and k < 2:
-        raise TsalignError(f"rank needs at least 2 candidates per prompt to make a pair, and {path} has K={k}: rerun "
-                           f"`tsalign stage=generate iteration={cfg.iteration} generate.num_candidates=4 redo=true`")
-    check_student(cfg, student_source(cfg, cfg.iteration)[0], "student.max_length", cfg.student.max_length)
-    if cfg.rank.max_calls is not None and cfg.rank.max_calls < 0:
-        raise TsalignError(f"rank.max_calls={cfg.rank.max_calls} must be >= 0 (null: no teacher budget)")
-    if not 0.0 <= cfg.rank.uncertain_fraction <= 1.0:
-        raise TsalignError(f"rank.uncertain_fraction={cfg.rank.uncertain_fraction} must be between 0 and 1")
-    if cfg.rank.selection != Selection.student_only:
-        check_teacher(cfg)
-
-
-def distill(cfg: DictConfig) -> None:
-    from tsalign.stages.distill import reports_teacher_holdout
-
-    check_student(cfg, student_source(cfg, cfg.iteration)[0], "distill.max_length", cfg.distill.max_length)
-    if reports_teacher_holdout(cfg):
-        check_teacher(cfg)
-
-
-def dpo(cfg: DictConfig) -> None:
-    lengths = {"dpo.max_length": cfg.dpo.max_length}
-    check_lengths(model_at(cfg, "policy", policy_source(cfg, cfg.iteration)[0]), lengths)
-    if cfg.dpo.reference == Reference.initial:
-        check_lengths(base_model(cfg, "policy"), lengths)
-
-
-def evaluate(cfg: DictConfig) -> None:
-    from tsalign.stages.evaluate import policy_stage
-
-    base_model(cfg, "policy")  # pi_0 answers beside pi_{t+1}
-    if policy_stage(cfg) == "dpo":
-        student = finished_output(cfg, cfg.iteration, "distill", "student", "evaluate")
-        check_lengths(trained_model(student), {"student.max_length": cfg.student.max_length})
-    check_judge(cfg)
-    prompt_split(cfg)
-
-
-def pdistill(cfg: DictConfig) -> None:
-    from tsalign.stages.pdistill import preflight
-
-    preflight(cfg)
-
-
-CHECKS = {"generate": generate, "rank": rank, "distill": distill, "dpo": dpo, "evaluate": evaluate,
-          "pdistill": pdistill}
-
-
-def check_stage(cfg: DictConfig, stage: str) -> None:
-    """Everything `stage` at cfg.iteration can be refused for before it loads a model."""
+def check_stage(cfg: DictConfig, stage) -> None:
+    """Everything `stage` (a tsalign.stages.contract.Stage) at cfg.iteration can be refused for before it
+    loads a model: its own check, then its estimated memory per GPU (tsalign stage=plan)."""
     check_tracker(cfg.logger.backend, cfg.logger.mode)
-    CHECKS[stage](cfg)
-    check_fits(cfg, stage)  # estimated memory per GPU from the models' config.json (tsalign stage=plan)
+    stage.check(cfg)
+    check_fits(cfg, stage.name)
 
 
 def visible_gpus() -> int:

@@ -1,9 +1,11 @@
 """The stage contract: what a stage declares, what the runner hands it, what it gives back.
 
-A stage is a module that ends with `STAGE = Stage(name, plan, run)`:
+A stage is a module that ends with `STAGE = Stage(name, plan, run, check)`, described in
+tsalign.stages.registry:
 
     plan(cfg) -> Plan              cheap, loads no model: the config slice and the input files the
                                    stage's outputs depend on (everything it reads, so a change reruns it)
+    check(cfg) -> None             loads no model: paths, roles, lengths, sizes; a TsalignError names the key
     run(ctx: StageContext) -> StageResult
                                    does the work in ctx.directory, reading only ctx.inputs and ctx.cfg
 
@@ -62,6 +64,7 @@ class Stage:
     name: str
     plan: Callable[[DictConfig], Plan]
     run: Callable[[StageContext], StageResult]
+    check: Callable[[DictConfig], None]  # refuses bad settings in one line before anything loads or is written
 
 
 def section(cfg: DictConfig, *keys: str) -> dict:

@@ -17,16 +17,17 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from tsalign import distributed
+from tsalign.algorithms.stats import auc, auc_change
 from tsalign.artifacts.store import atomic_write_json, read_jsonl
 from tsalign.config.choices import DistillSource, Replay
 from tsalign.data import load_human_labels, load_human_pairs, split_pairs
-from tsalign.stages.factory import student_base_dir, teacher_model_dir
-from tsalign.errors import TsalignError
-from tsalign.stages.lineage import finished_output, student_source
 from tsalign.engines.models import pick_device
-from tsalign.training.reward_model import fit_pairs, label_scores, pair_accuracy, train_reward_model
+from tsalign.errors import TsalignError
+from tsalign.stages.checks import check_student, check_teacher
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
-from tsalign.algorithms.stats import auc, auc_change
+from tsalign.stages.factory import student_base_dir, teacher_model_dir
+from tsalign.stages.lineage import finished_output, student_source
+from tsalign.training.reward_model import fit_pairs, label_scores, pair_accuracy, train_reward_model
 
 
 def replay_iterations(t: int, replay: str) -> list[int]:
@@ -165,4 +166,10 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(counts, {"student": out, "metrics": metrics_path}, {"student_from": str(student_dir)})
 
 
-STAGE = Stage("distill", plan, run)
+def check(cfg: DictConfig) -> None:
+    check_student(cfg, student_source(cfg, cfg.iteration)[0], "distill.max_length", cfg.distill.max_length)
+    if reports_teacher_holdout(cfg):
+        check_teacher(cfg)
+
+
+STAGE = Stage("distill", plan, run, check)

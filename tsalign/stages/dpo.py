@@ -25,14 +25,16 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from tsalign import distributed
+from tsalign.algorithms.pairs import fit_pair, to_trl_row
 from tsalign.artifacts.store import atomic_dir, atomic_write_text, config_hash, read_jsonl, replace_dir
 from tsalign.config.choices import Reference
-from tsalign.training.divergence import check_weights, diverged, divergence, largest_weight
-from tsalign.errors import TsalignError
-from tsalign.stages.lineage import base_model_dir, finished_output, policy_source
 from tsalign.engines.models import load_causal_lm, load_tokenizer, pick_device
-from tsalign.algorithms.pairs import fit_pair, to_trl_row
+from tsalign.errors import TsalignError
+from tsalign.stages.checks import base_model, check_lengths, model_at
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
+from tsalign.stages.lineage import base_model_dir, finished_output, policy_source
+from tsalign.training.divergence import check_weights, diverged, divergence, largest_weight
+from tsalign.training.dpo_trainer import trained_dtype
 
 DUAL_CLIP = "dual_clip"  # TSO's dual-clip loss (tsalign/training/dpo_trainer.py); every other loss_type is TRL's
 
@@ -51,13 +53,6 @@ def plan(cfg: DictConfig) -> Plan:
     for key in ("save_steps", "logging_steps"):  # bookkeeping: the trained policy does not depend on them
         del config["dpo"][key]
     return Plan(config, {"pairs": pairs, **({"policy": policy} if policy else {})})
-
-
-def trained_dtype(cfg: DictConfig) -> str:
-    """The dtype the trained weights are held in. Full DPO keeps an fp32 master copy (bf16 only as
-    autocast, DPOConfig.bf16): at a DPO learning rate (5e-7) most updates to bf16 weights round away.
-    With LoRA the frozen base stays in policy.dtype and the adapter trains in fp32 (PEFT's default)."""
-    return cfg.policy.dtype if cfg.dpo.lora else "float32"
 
 
 def reference_model(cfg: DictConfig, policy_dir: Path) -> tuple[Path | None, str]:
@@ -350,4 +345,11 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(counts, {"policy": out_dir / "policy"}, extra)
 
 
-STAGE = Stage("dpo", plan, run)
+def check(cfg: DictConfig) -> None:
+    lengths = {"dpo.max_length": cfg.dpo.max_length}
+    check_lengths(model_at(cfg, "policy", policy_source(cfg, cfg.iteration)[0]), lengths)
+    if cfg.dpo.reference == Reference.initial:
+        check_lengths(base_model(cfg, "policy"), lengths)
+
+
+STAGE = Stage("dpo", plan, run, check)

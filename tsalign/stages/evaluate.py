@@ -19,6 +19,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from tsalign.algorithms.selection import Verdict, student_agrees
+from tsalign.algorithms.stats import (
+    bootstrap_interval,
+    control_checks,
+    length_controlled_win_rate,
+    longer_wins_rate,
+    outcome,
+    paired_win_rate,
+)
+from tsalign.artifacts.locks import cache_lock
 from tsalign.artifacts.store import (
     PartialRows,
     atomic_write_bytes,
@@ -28,27 +38,20 @@ from tsalign.artifacts.store import (
     fingerprint,
     read_manifest,
 )
-from tsalign.stages.factory import open_sampler, open_scorer, sampling_params, teacher_model_dir, teacher_option
-from tsalign.errors import TsalignError
-from tsalign.stages.lineage import base_model_dir, experiment_dir, finished_output, prompt_split
-from tsalign.artifacts.locks import cache_lock
-from tsalign.progress import progress
 from tsalign.engines.sampling.resumable import chunk_prompts, sample_rows
-from tsalign.algorithms.selection import Verdict, student_agrees
 from tsalign.engines.scoring.served import cost_line, cost_report, is_served
+from tsalign.errors import TsalignError
+from tsalign.progress import progress
+from tsalign.stages.checks import base_model, check_judge, check_lengths, trained_model
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
-from tsalign.algorithms.stats import (
-    bootstrap_interval,
-    control_checks,
-    length_controlled_win_rate,
-    longer_wins_rate,
-    outcome,
-    paired_win_rate,
+from tsalign.stages.factory import (
+    judge_spec,
+    open_sampler,
+    open_scorer,
+    sampling_params,
+    teacher_model_dir,
 )
-
-
-def judge_spec(cfg: DictConfig) -> DictConfig:
-    return teacher_option(cfg.evaluate.judge) if cfg.evaluate.judge else cfg.teacher
+from tsalign.stages.lineage import base_model_dir, experiment_dir, finished_output, prompt_split
 
 
 def policy_stage(cfg: DictConfig) -> str:
@@ -277,4 +280,13 @@ def summary_line(m: dict, t: int) -> str:
     return text
 
 
-STAGE = Stage("evaluate", plan, run)
+def check(cfg: DictConfig) -> None:
+    base_model(cfg, "policy")  # pi_0 answers beside pi_{t+1}
+    if policy_stage(cfg) == "dpo":
+        student = finished_output(cfg, cfg.iteration, "distill", "student", "evaluate")
+        check_lengths(trained_model(student), {"student.max_length": cfg.student.max_length})
+    check_judge(cfg)
+    prompt_split(cfg)
+
+
+STAGE = Stage("evaluate", plan, run, check)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from tsalign.errors import TsalignError
-from tsalign.stages.lineage import base_model_dir
+from tsalign.config.options import model_option
 from tsalign.engines.sampling import SamplingParams
+from tsalign.stages.lineage import base_model_dir
 
 
 def sampling_params(cfg: DictConfig, n: int, seed: int) -> SamplingParams:
@@ -83,13 +83,8 @@ def fitted_model_dir(cfg: DictConfig, spec: DictConfig, role: str) -> Path:
 
 def teacher_option(name: str) -> DictConfig:
     """A conf/teacher/<name>.yaml option as a validated ModelSpec (e.g. for an independent judge)."""
-    from tsalign.config.schema import ModelSpec, conf_dir
+    return model_option("teacher", name)
 
-    path = conf_dir() / "teacher" / f"{name}.yaml"
-    if not path.is_file():
-        options = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
-        raise TsalignError(f"no teacher option '{name}' in {path.parent}; use one of: {options}")
-    try:
-        return OmegaConf.merge(OmegaConf.structured(ModelSpec), OmegaConf.load(path))
-    except Exception as e:  # noqa: BLE001 -- a schema error in the YAML, in one line
-        raise TsalignError(f"{path}: {str(e).splitlines()[0]}") from None
+
+def judge_spec(cfg: DictConfig) -> DictConfig:
+    return teacher_option(cfg.evaluate.judge) if cfg.evaluate.judge else cfg.teacher

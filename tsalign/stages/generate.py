@@ -31,13 +31,14 @@ from omegaconf import DictConfig
 
 from tsalign import distributed
 from tsalign.artifacts.store import PartialRows, atomic_write_jsonl
-from tsalign.stages.factory import open_sampler, sampling_params
+from tsalign.engines.sampling.resumable import chunk_prompts, derived_seed, sample_rows, shard_prompts
 from tsalign.errors import TsalignError
+from tsalign.stages.checks import model_at
+from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
+from tsalign.stages.factory import open_sampler, sampling_params
 from tsalign.stages.lineage import base_model_dir, policy_source, prompt_pool, training_prompts
 from tsalign.stages.matrix import add_candidates, add_references, matrix_models
 from tsalign.stages.matrix import model_dir as model_dir_of
-from tsalign.engines.sampling.resumable import chunk_prompts, derived_seed, sample_rows, shard_prompts
-from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
 
 
 def plan(cfg: DictConfig) -> Plan:
@@ -192,4 +193,12 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(counts, {"candidates": out}, extra)
 
 
-STAGE = Stage("generate", plan, run)
+def check(cfg: DictConfig) -> None:
+    model_at(cfg, "policy", policy_source(cfg, cfg.iteration)[0])
+    training_prompts(cfg, cfg.iteration)
+    if cfg.generate.num_candidates < 2:
+        print(f"[tsalign] note: generate.num_candidates={cfg.generate.num_candidates}: rank needs at least 2 "
+              "candidates per prompt to make a pair")
+
+
+STAGE = Stage("generate", plan, run, check)

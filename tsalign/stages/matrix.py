@@ -14,10 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from tsalign.errors import TsalignError
 from tsalign.algorithms.selection import REFERENCE
+from tsalign.config.options import model_option, option_file, options
+from tsalign.errors import TsalignError
 
 
 @dataclass(frozen=True)
@@ -30,24 +31,20 @@ class MatrixModel:
 
 def matrix_models(cfg: DictConfig, iteration: int) -> list[MatrixModel]:
     """The extra policies of generate.matrix, in order, without pi_t itself."""
-    from tsalign.config.schema import ModelSpec, conf_dir
-
     models = []
     for entry in cfg.generate.matrix:
         entry = str(entry)
-        option = conf_dir() / "policy" / f"{entry}.yaml"
         if entry == "initial":
             if iteration > 0:  # at t = 0 pi_t is pi_0: nothing new to add
                 models.append(MatrixModel(entry, "pi_0", None, cfg.policy))
-        elif option.is_file():
-            spec = OmegaConf.merge(OmegaConf.structured(ModelSpec), OmegaConf.load(option))
+        elif option_file("policy", entry):
+            spec = model_option("policy", entry)
             models.append(MatrixModel(entry, spec.name, None, spec))
         elif Path(entry).expanduser().is_dir():
             path = Path(entry).expanduser().resolve()
             models.append(MatrixModel(entry, path.name, path))
         else:
-            options = ", ".join(sorted(p.stem for p in option.parent.glob("*.yaml")))
-            raise TsalignError(f"generate.matrix entry '{entry}': use initial, a conf/policy option ({options}) "
+            raise TsalignError(f"generate.matrix entry '{entry}': use initial, a conf/policy option ({options('policy')}) "
                                "or the path of an HF checkpoint folder")
     return models
 

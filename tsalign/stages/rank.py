@@ -19,21 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from tsalign.artifacts.store import (
-    PartialRows,
-    atomic_write_json,
-    atomic_write_jsonl,
-    read_jsonl,
-    read_manifest,
-    stage_dir,
-    verify_output,
-)
-from tsalign.config.choices import BudgetScope, CutAnswers, ModelKind, Selection
-from tsalign.stages.factory import open_scorer, student_base_dir, teacher_model_dir
-from tsalign.errors import TsalignError
-from tsalign.stages.lineage import experiment_dir, finished_output, student_source
 from tsalign.algorithms.pairs import pairs_longer_wins
-from tsalign.engines.scoring.resumable import score_resumably
 from tsalign.algorithms.selection import (
     correct,
     decide,
@@ -44,9 +30,24 @@ from tsalign.algorithms.selection import (
     teacher_calls,
     within_budget,
 )
-from tsalign.engines.scoring.served import cost_line, cost_report, is_served
-from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
 from tsalign.algorithms.stats import describe
+from tsalign.artifacts.store import (
+    PartialRows,
+    atomic_write_json,
+    atomic_write_jsonl,
+    read_jsonl,
+    read_manifest,
+    stage_dir,
+    verify_output,
+)
+from tsalign.config.choices import BudgetScope, CutAnswers, ModelKind, Selection
+from tsalign.engines.scoring.resumable import score_resumably
+from tsalign.engines.scoring.served import cost_line, cost_report, is_served
+from tsalign.errors import TsalignError
+from tsalign.stages.checks import check_student, check_teacher
+from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
+from tsalign.stages.factory import open_scorer, student_base_dir, teacher_model_dir
+from tsalign.stages.lineage import experiment_dir, finished_output, student_source
 
 
 def candidates_file(cfg: DictConfig) -> Path:
@@ -260,4 +261,27 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(counts, outputs, {"no_pair": no_pair})
 
 
-STAGE = Stage("rank", plan, run)
+def candidates_per_prompt(cfg: DictConfig) -> tuple[int | None, Path]:
+    """K of the candidates rank reads, from their generate manifest."""
+    from tsalign.stages.rank import candidates_file
+
+    path = candidates_file(cfg)
+    config = (read_manifest(path.parent) or {}).get("config", {})
+    return config.get("generate", {}).get("num_candidates"), path
+
+
+def check(cfg: DictConfig) -> None:
+    k, path = candidates_per_prompt(cfg)
+    if k is not None and k < 2:
+        raise TsalignError(f"rank needs at least 2 candidates per prompt to make a pair, and {path} has K={k}: rerun "
+                           f"`tsalign stage=generate iteration={cfg.iteration} generate.num_candidates=4 redo=true`")
+    check_student(cfg, student_source(cfg, cfg.iteration)[0], "student.max_length", cfg.student.max_length)
+    if cfg.rank.max_calls is not None and cfg.rank.max_calls < 0:
+        raise TsalignError(f"rank.max_calls={cfg.rank.max_calls} must be >= 0 (null: no teacher budget)")
+    if not 0.0 <= cfg.rank.uncertain_fraction <= 1.0:
+        raise TsalignError(f"rank.uncertain_fraction={cfg.rank.uncertain_fraction} must be between 0 and 1")
+    if cfg.rank.selection != Selection.student_only:
+        check_teacher(cfg)
+
+
+STAGE = Stage("rank", plan, run, check)

@@ -39,3 +39,10 @@ def dual_clip_trainer(low: float, high: float):
                 return super()._compute_loss(model, inputs, return_outputs)
 
     return DualClipDPOTrainer
+
+
+def trained_dtype(cfg) -> str:
+    """The dtype the trained weights are held in. Full DPO keeps an fp32 master copy (bf16 only as
+    autocast, DPOConfig.bf16): at a DPO learning rate (5e-7) most updates to bf16 weights round away.
+    With LoRA the frozen base stays in policy.dtype and the adapter trains in fp32 (PEFT's default)."""
+    return cfg.policy.dtype if cfg.dpo.lora else "float32"

@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 
 from tsalign import distributed
-from tsalign.artifacts.store import atomic_dir, atomic_write_json, config_hash, fingerprint
-from tsalign.training.divergence import check_weights, diverged, divergence, largest_weight
-from tsalign.artifacts.locks import cache_lock
 from tsalign.algorithms.losses import bradley_terry_loss, pairwise_accuracy
-from tsalign.engines.models import load_reward_model, load_tokenizer
 from tsalign.algorithms.pairs import pairs_longer_wins, response_text
-from tsalign.progress import progress
+from tsalign.artifacts.locks import cache_lock
+from tsalign.artifacts.store import atomic_dir, atomic_write_json, config_hash, fingerprint
+from tsalign.engines.models import load_reward_model, load_tokenizer
 from tsalign.engines.scoring.reward_model import RewardModelScorer, collate, encode_pair_text
+from tsalign.progress import progress
+from tsalign.training.divergence import check_weights, diverged, divergence, largest_weight
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import sys
 from pathlib import Path
 
 from tsalign.artifacts.store import atomic_write_text, read_jsonl, read_manifest, stage_dir
-from tsalign.config.choices import PIPELINE
+from tsalign.views.summary import counts, figure, iteration_record, iterations, read_json, summary_table, wall_times
 
 SAMPLE_PAIRS = 5  # per iteration: the first ones by prompt_id (deterministic, comparable across runs)
 MAX_CHARS = 600  # longer texts are cut, with a marker saying how much was left out
@@ -31,53 +30,25 @@ REPORT = "report.html"
 # ---------------------------------------------------------------- reading a finished experiment
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def iterations(experiment: Path) -> list[int]:
-    found = [p.name.split("_", 1)[1] for p in experiment.glob("iter_*") if p.is_dir()]
-    return sorted(int(t) for t in found if t.isdigit())
-
-
-def iteration_record(experiment: Path, t: int) -> dict:
-    """Manifests and metrics of iteration t's finished stages (an unfinished stage counts as absent)."""
-    manifests = {str(s): read_manifest(stage_dir(experiment, t, s)) for s in PIPELINE}
-    metrics = {s: read_json(stage_dir(experiment, t, s) / "metrics.json") if manifests[s] else {}
-               for s in ("rank", "distill", "evaluate")}
-    return {"iteration": t, "manifests": manifests, "metrics": metrics}
-
-
-def first_found(record: dict, stage: str, key: str):
-    """A value from the stage's metrics.json, else from its manifest's counts."""
-    value = record["metrics"].get(stage, {}).get(key)
-    if value is None:
-        value = ((record["manifests"].get(stage) or {}).get("counts") or {}).get(key)
-    return value
-
-
 def summary_row(record: dict) -> dict:
-    ev, dpo = record["metrics"]["evaluate"], (record["manifests"]["dpo"] or {}).get("counts", {})
-    distill = (record["manifests"]["distill"] or {}).get("counts", {})
+    """The figures the plots and the page's notes draw on."""
+    ev, dpo, distill = record["metrics"]["evaluate"], counts(record, "dpo"), counts(record, "distill")
     return {
         "iteration": record["iteration"], "policy": ev.get("policy", f"pi_{record['iteration'] + 1}"),
-        "pairs": first_found(record, "rank", "pairs"),
+        "pairs": figure(record, "rank", "pairs"),
         "win_rate": ev.get("win_rate"), "ci": (ev.get("ci_low"), ev.get("ci_high")), "n": ev.get("n"),
         "lc_win_rate": ev.get("lc_win_rate"), "lc_ci": (ev.get("lc_ci_low"), ev.get("lc_ci_high")),
         "control_win_rate": (ev.get("control") or {}).get("win_rate"),
         "control_passed": (ev.get("control") or {}).get("passed"),
-        "agreement_rank": first_found(record, "rank", "student_teacher_agreement"),
+        "agreement_rank": figure(record, "rank", "student_teacher_agreement"),
         "agreement_distill": (distill.get("agreement_before"), distill.get("agreement_after")),
         "agreement_eval": ev.get("student_agreement"),
         "student_human": (distill.get("human_accuracy_before"), distill.get("human_accuracy_after")),
         "longer_wins": distill.get("human_longer_wins"),
-        "teacher_calls": first_found(record, "rank", "teacher_calls"),
-        "teacher_cost": first_found(record, "rank", "teacher_cost"),
+        "teacher_calls": figure(record, "rank", "teacher_calls"),
+        "teacher_cost": figure(record, "rank", "teacher_cost"),
         "dpo_loss": (dpo.get("first_loss"), dpo.get("last_loss")), "dpo_loss_mean": dpo.get("train_loss"),
-        "wall_s": {s: (m or {}).get("wall_time_s") for s, m in record["manifests"].items()},
+        "wall_s": wall_times(record),
     }
 
 
@@ -112,15 +83,6 @@ def score(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else num(v)
 
 
-def interval(low, high) -> str:
-    return "" if low is None or high is None else f" [{low:.2f}, {high:.2f}]"
-
-
-def arrow(pair: tuple) -> str:
-    before, after = pair
-    return "&ndash;" if before is None and after is None else f"{num(before)} &rarr; {num(after)}"
-
-
 def table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
     """Cells are HTML already (escaped by the caller); headers are escaped here."""
     th = "".join(f"<th>{esc(h)}</th>" for h in head)
@@ -142,30 +104,14 @@ def messages_text(messages) -> str:
 # ---------------------------------------------------------------- sections
 
 
-def summary_table(rows: list[dict]) -> str:
-    show_lc = any(r["lc_win_rate"] is not None for r in rows)
-    show_cost = any(r["teacher_cost"] is not None for r in rows)
-    head = ["iteration", "policy", "pairs", "win rate vs pi_0 [95% CI]", *(["LC win rate"] if show_lc else []),
-            "control (pi_0 vs pi_0)", "agreement at rank (student_t)", "distill held-out agreement",
-            "agreement after distill (student_t+1, eval pairs)",
-            "student on held-out human pairs (longer answer wins)", "teacher calls", *(["teacher cost"] if show_cost else []),
-            "DPO loss first -> last (mean)"]
-    body = []
-    for r in rows:
-        win = "&ndash;" if r["win_rate"] is None else f"{r['win_rate']:.3f}{interval(*r['ci'])} (n={num(r['n'])})"
-        lc = [num(r["lc_win_rate"]) + interval(*r["lc_ci"]) if r["lc_win_rate"] is not None else "&ndash;"]
-        body.append([num(r["iteration"]), esc(r["policy"]), num(r["pairs"]), win, *(lc if show_lc else []),
-                     num(r["control_win_rate"]) + {True: " (passed)", False: " (<b>failed</b>)"}.get(r["control_passed"], ""),
-                     num(r["agreement_rank"]), arrow(r["agreement_distill"]),
-                     num(r["agreement_eval"]), f"{arrow(r['student_human'])} ({num(r['longer_wins'])})",
-                     num(r["teacher_calls"]),
-                     *([num(r["teacher_cost"])] if show_cost else []),
-                     f"{arrow(r['dpo_loss'])} ({num(r['dpo_loss_mean'])})"])
-    return table(head, body, "summary")
+def summary_html(records: list[dict]) -> str:
+    """The loop's summary table (tsalign.views.summary: every stage's registry columns), as HTML."""
+    head, rows = summary_table(records)
+    return table(head, [[esc(c) for c in row] for row in rows], "summary")
 
 
 def wall_time_table(rows: list[dict]) -> str:
-    stages = [str(s) for s in PIPELINE]
+    stages = list(rows[0]["wall_s"])
     body = [[num(r["iteration"]), *(num(r["wall_s"][s], 1) for s in stages),
              num(sum(v for v in r["wall_s"].values() if v), 1)] for r in rows]
     return table(["iteration", *(f"{s} (s)" for s in stages), "total (s)"], body, "times")
@@ -210,8 +156,8 @@ def plots_png(rows: list[dict], title: str) -> bytes:
     if loss:
         axes[2].twinx().plot(*zip(*loss), marker="o", color="tab:red")
     bottom = [0.0] * len(rows)
-    for s in (str(s) for s in PIPELINE):
-        heights = [r["wall_s"][s] or 0 for r in rows]
+    for s in rows[0]["wall_s"]:
+        heights = [r["wall_s"].get(s) or 0 for r in rows]
         axes[3].bar(x, heights, bottom=bottom, label=s)
         bottom = [b + h for b, h in zip(bottom, heights)]
     axes[3].set(title="stage wall time (s)")
@@ -339,7 +285,7 @@ def render(experiment: Path) -> str:
              f"<p class='note'>{esc(experiment)}<br>{models_line(records)}</p>"]
     if not rows:
         return "".join(parts) + "<p>No iteration has started yet.</p></body></html>"
-    parts += ["<h2>Summary across iterations</h2>", summary_table(rows),
+    parts += ["<h2>Summary across iterations</h2>", summary_html(records),
               "<p class='note'>Iteration t's evaluate judges pi_{t+1} (trained in iteration t) against pi_0; "
               "the control (pi_0 with another seed vs pi_0) should sit near 0.5. Distill agreement is on the "
               "teacher pairs held out of training, before -> after.</p>",

@@ -19,18 +19,10 @@ import sys
 from pathlib import Path
 
 from tsalign.artifacts.store import MANIFEST, read_manifest, stage_dir
-from tsalign.config.choices import PIPELINE
+from tsalign.stages.registry import STAGES, spec
 
 SCORE_CHUNK = 64  # tsalign.engines.scoring.resumable.SCORE_CHUNK; copied so that no scoring module is imported
 
-# The counts of a finished stage worth one line each (all of them are in its manifest).
-KEY_COUNTS = {
-    "generate": ("prompts", "candidates", "cut_at_max_new_tokens", "tokens_per_s"),
-    "rank": ("pairs", "teacher_calls", "student_teacher_agreement"),
-    "distill": ("train_pairs", "agreement_before", "agreement_after"),
-    "dpo": ("steps", "first_loss", "last_loss"),
-    "evaluate": ("n", "win_rate", "ci_low", "ci_high", "student_agreement"),
-}
 _OWN_KEYS = ("stage", "iteration", "iterations", "experiment_dir", "experiment_name", "redo", "paths.outputs")
 
 
@@ -190,18 +182,24 @@ def evaluate_progress(experiment: Path, t: int, work: Path) -> dict:
             "detail": "; ".join(parts)}
 
 
+def started_progress(stage: str) -> dict:
+    """A stage with no progress reader of its own: what it keeps in _work (tsalign.stages.registry)."""
+    work = ", ".join(f"_work/{w}" for w in spec(stage).work) or "none"
+    return {"done": None, "total": None, "unit": None, "detail": f"started; resume state: {work}"}
+
+
+# how far a partial stage got, per stage that keeps resume state worth counting
 PROGRESS = {"generate": generate_progress, "rank": rank_progress, "distill": distill_progress,
             "dpo": dpo_progress, "evaluate": evaluate_progress}
-FINAL_OUTPUT = {"generate": "candidates.jsonl", "rank": "pairs.jsonl", "distill": "student", "dpo": "policy",
-                "evaluate": "metrics.json"}
 
 
 def partial_progress(experiment: Path, t: int, stage: str, work: Path) -> dict:
     if not any(work.iterdir()):
         return {"done": 0, "total": None, "unit": None, "detail": "started, nothing saved yet (loading models?)"}
-    progress = PROGRESS[stage](experiment, t, work)
-    if (work / FINAL_OUTPUT[stage]).exists():  # the manifest is written last, right after the outputs
-        progress["detail"] += f"; {FINAL_OUTPUT[stage]} written, manifest not yet"
+    progress = PROGRESS[stage](experiment, t, work) if stage in PROGRESS else started_progress(stage)
+    final = spec(stage).outputs[0]
+    if (work / final).exists():  # the manifest is written last, right after the outputs
+        progress["detail"] += f"; {final} written, manifest not yet"
     return progress
 
 
@@ -217,7 +215,7 @@ def stage_status(experiment: Path, t: int, stage: str) -> dict:
     if manifest is not None:
         counts = manifest.get("counts", {})
         row.update(state="done", wall_time_s=manifest.get("wall_time_s"), started_at=manifest.get("started_at"),
-                   counts={k: counts[k] for k in KEY_COUNTS[stage] if k in counts})
+                   counts={k: counts[k] for k in spec(stage).status_counts if k in counts})
         if staging.is_dir():  # begin() works here only when a finished stage is redone
             row.update(state="redo", progress=partial_progress(experiment, t, stage, staging))
         return row
@@ -238,7 +236,9 @@ def experiment_status(experiment_dir: Path, iterations: int | None) -> list[dict
     its = found_iterations(experiment)
     if iterations is not None:
         its = list(range(max(iterations, its[-1] + 1 if any(experiment.glob("iter_*")) else 0)))
-    return [stage_status(experiment, t, str(s)) for t in its for s in PIPELINE]
+    # the loop's stages always; others (pdistill) where they ran
+    return [stage_status(experiment, t, s.name) for t in its for s in STAGES
+            if s.in_loop or stage_dir(experiment, t, s.name).is_dir()]
 
 
 # ---------------------------------------------------------------- what to run next

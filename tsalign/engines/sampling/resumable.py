@@ -19,8 +19,8 @@ from __future__ import annotations
 import time
 
 from tsalign.artifacts.store import PartialRows, config_hash
-from tsalign.progress import progress
 from tsalign.engines.sampling.base import SamplingParams
+from tsalign.progress import progress
 
 CHUNK_PROMPTS = 8  # prompts per sampler call; finished chunks survive a crash
 

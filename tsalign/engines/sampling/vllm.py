@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 from tsalign import distributed
-from tsalign.errors import TsalignError
 from tsalign.engines.sampling.base import Completion, SamplingParams, chat_prompt_ids
 from tsalign.engines.vllm_engine import engine_failed, import_vllm, on_cpu, start_engine, stop_engine
+from tsalign.errors import TsalignError
 
 CALL_WAVES = 2  # full engine batches per generate() call on a GPU
 DEFAULT_ENGINE_BATCH = 256  # vLLM's max_num_seqs on most GPUs, if the engine does not say

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tsalign.config.choices import ModelKind
-from tsalign.errors import TsalignError
 from tsalign.engines.scoring.base import Scorer
+from tsalign.errors import TsalignError
 
 
 def make_scorer(kind: str, model_dir: Path | None, device: str = "cpu", dtype: str = "float32", batch_size: int = 16,

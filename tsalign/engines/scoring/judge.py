@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from tsalign.errors import TsalignError
 from tsalign.engines.models import load_causal_lm, load_tokenizer
 from tsalign.engines.scoring.reward_model import render_prompt
+from tsalign.errors import TsalignError
 
 
 def combine_orders(p_first_ab: float, p_first_ba: float) -> float:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Callable
 
 from tsalign.artifacts.store import PartialRows
-from tsalign.progress import progress
 from tsalign.engines.scoring.base import Scorer
+from tsalign.progress import progress
 
 SCORE_CHUNK = 64  # prompts per scorer call
 # the last ones are a served teacher's (tsalign/engines/scoring/served): HTTP requests, ledger hits, garbage answers, tokens, cost

@@ -31,8 +31,9 @@ from omegaconf import DictConfig
 from tsalign.artifacts.store import atomic_dir, config_hash, fingerprint, read_manifest, stage_dir, verify_output
 from tsalign.config.choices import PdistillLoss
 from tsalign.errors import TsalignError
-from tsalign.stages.lineage import base_model_dir, experiment_dir, finished_output
+from tsalign.stages.checks import base_model, check_lengths, is_causal_lm, trained_model
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
+from tsalign.stages.lineage import base_model_dir, experiment_dir, finished_output
 from tsalign.stages.pdistill.teacher_cache import (
     Sequence,
     cached,
@@ -114,10 +115,8 @@ def plan(cfg: DictConfig) -> Plan:
     return Plan(config, {**inputs, **({"pairs": pairs} if pairs else {})})
 
 
-def preflight(cfg: DictConfig) -> None:
+def check(cfg: DictConfig) -> None:
     """Sizes, and every model a causal LM whose positions hold pdistill.max_length (config.json only)."""
-    from tsalign.stages.checks import _is_causal_lm, base_model, check_lengths, trained_model
-
     p = cfg.pdistill
     for key in ("top_k", "batch_size", "teacher_batch_size", "gradient_accumulation_steps", "max_length"):
         if p[key] < 1:
@@ -126,7 +125,7 @@ def preflight(cfg: DictConfig) -> None:
         raise TsalignError(f"pdistill.max_pairs={p.max_pairs} must be >= 1 (null: every pair)")
     for key, (folder, label) in used_models(cfg).items():
         info = trained_model(folder) if folder else base_model(cfg, "policy")
-        if info.config is not None and not _is_causal_lm(info.config):
+        if info.config is not None and not is_causal_lm(info.config):
             raise TsalignError(f"pdistill.{key}={label} ({info.name}) is not a causal LM "
                                f"({', '.join(info.config.get('architectures') or ['no architectures'])}): teacher, "
                                "reference and student are language models sharing one tokenizer")
@@ -171,9 +170,9 @@ def prompt_key(pair: dict) -> str:
 
 def greedy_answers(cfg: DictConfig, student_dir: Path, prompts: list[list[dict]]) -> list[str]:
     """One greedy answer per prompt from the student (ADPA's y_hat), with the configured sampler."""
-    from tsalign.stages.factory import open_sampler
-    from tsalign.progress import progress
     from tsalign.engines.sampling.resumable import prompts_per_call
+    from tsalign.progress import progress
+    from tsalign.stages.factory import open_sampler
 
     params = greedy_params(cfg)
     sampler = open_sampler(cfg, student_dir, cfg.seed)
@@ -422,8 +421,8 @@ def adpa_examples(s: Setup, kept: list[tuple]):
 
 def train(ctx: StageContext, s: Setup, examples: dict[str, list[Example]]) -> tuple[object, dict]:
     """The student after every phase of pdistill.loss, and per phase its steps, losses and before / after parts."""
-    from tsalign.training.divergence import check_weights, largest_weight
     from tsalign.engines.models import load_causal_lm
+    from tsalign.training.divergence import check_weights, largest_weight
 
     cfg, p = ctx.cfg, ctx.cfg.pdistill
     model = load_causal_lm(s.dirs["student"], "float32", s.device)  # fp32 master weights, as dpo's full training
@@ -450,6 +449,12 @@ def train(ctx: StageContext, s: Setup, examples: dict[str, list[Example]]) -> tu
     model.config.use_cache = use_cache
     check_weights(model, "pdistill", "optimizer.learning_rate", cfg.optimizer.learning_rate, largest_before)
     return model, counts
+
+
+def overall(trained: dict, names: list[str]) -> dict:
+    """Steps and loss over the phases together (the summary's figures; each phase's are kept beside them)."""
+    return {"steps": sum(trained.get(f"{n}_steps") or 0 for n in names),
+            "first_loss": trained.get(f"{names[0]}_first_loss"), "last_loss": trained.get(f"{names[-1]}_last_loss")}
 
 
 def teacher_calls(caches: dict) -> int:
@@ -495,7 +500,7 @@ def run(ctx: StageContext) -> StageResult:
     counts = {"pairs": len(pairs), "pairs_used": len(kept), "pairs_dropped": len(pairs) - len(kept),
               **{f"{name}_cache": "reused" if c.reused else "built" for name, c in caches.items()},
               **{f"{name}_response_tokens": int(c.tensors["offsets"][-1]) for name, c in caches.items()},
-              "teacher_calls": teacher_calls(caches),
+              "teacher_calls": teacher_calls(caches), **overall(trained, phases(cfg.pdistill.loss)),
               **trained, "teacher_s": round(teacher_s, 2), "train_s": round(time.time() - t1, 2)}
     ctx.tracker.log({f"pdistill/{k}": v for k, v in counts.items() if isinstance(v, (int, float))})
     extra = {"device": s.device, **{f"{k}_dir": str(v) for k, v in dirs.items()},
@@ -503,4 +508,4 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(counts, {"policy": ctx.directory / "policy"}, extra)
 
 
-STAGE = Stage("pdistill", plan, run)
+STAGE = Stage("pdistill", plan, run, check)

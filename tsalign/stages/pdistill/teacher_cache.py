@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from tsalign.artifacts.locks import build_once
 from tsalign.artifacts.store import atomic_dir, atomic_write_json, config_hash, read_manifest
 from tsalign.errors import TsalignError
-from tsalign.artifacts.locks import build_once
 from tsalign.progress import progress
 
 TENSORS = "teacher.safetensors"
