@@ -91,8 +91,10 @@ gpu-check: setup
 	$(PY) -m pip install -e '.[vllm,deepspeed]'   # CUDA vLLM 0.30 and DeepSpeed (NVIDIA driver >= 580)
 	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
+# ruff, and import-linter's layers contract (pyproject.toml: a module never imports from a layer above its own)
 lint: setup
 	$(VENV)/bin/ruff check tsalign tests benchmarks
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build dist

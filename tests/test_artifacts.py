@@ -201,6 +201,45 @@ def test_stage_run_changed_config_raises(tmp_path):
         _run(tmp_path, {"a": 1, "nested": {"b": 2}, "new_key": 0}).is_done()
 
 
+def _dpo_run(tmp_path, dpo: dict, redo: bool = False) -> StageRun:
+    """A dpo slice; dpo.save_steps is a schema key (default 10) that is not in dpo's v1 keys (format_v1.json):
+    it stands for an option added after v1."""
+    return StageRun(stage_dir(tmp_path, 0, "dpo"), "dpo", 0, {"iteration": 0, "dpo": {"beta": 0.1, **dpo}}, {}, redo)
+
+
+def test_a_key_added_since_v1_is_hashed_only_off_its_default(tmp_path):
+    made_before = _dpo_run(tmp_path, {})
+    made_before.begin()
+    manifest = made_before.finish({}, {})
+    assert manifest["config_hash"] == config_hash({"iteration": 0, "dpo": {"beta": 0.1}})  # v1 keys: as always
+
+    at_default = _dpo_run(tmp_path, {"save_steps": 10})
+    assert at_default.hashed == made_before.config and at_default.stamp() == made_before.stamp()
+    assert at_default.is_done()
+    with pytest.raises(ConfigChanged, match=r"changed: dpo\.save_steps\)"):
+        _dpo_run(tmp_path, {"save_steps": 5}).is_done()
+
+
+def test_a_v1_key_is_hashed_even_at_its_default(tmp_path):
+    """dpo.beta (default 0.1) is in dpo's v1 keys: a slice without it is another config."""
+    run = _dpo_run(tmp_path, {})
+    assert run.hashed == run.config
+    run.begin()
+    run.finish({}, {})
+    without_beta = StageRun(run.directory, "dpo", 0, {"iteration": 0, "dpo": {}})
+    with pytest.raises(ConfigChanged, match=r"changed: dpo\.beta\)"):
+        without_beta.is_done()
+
+
+def test_a_key_set_off_its_default_stays_hashed_after_it_returns_to_it(tmp_path):
+    """A manifest records its config whole: a stage made with save_steps=5 is not what save_steps=10 makes."""
+    run = _dpo_run(tmp_path, {"save_steps": 5})
+    run.begin()
+    assert run.finish({}, {})["config"]["dpo"] == {"beta": 0.1, "save_steps": 5}
+    with pytest.raises(ConfigChanged, match="dpo.save_steps"):
+        _dpo_run(tmp_path, {"save_steps": 10}).is_done()
+
+
 def test_stage_run_changed_input_raises(tmp_path):
     upstream = tmp_path / "iter_0" / "generate" / "candidates.jsonl"
     atomic_write_jsonl(upstream, [{"x": 1}])

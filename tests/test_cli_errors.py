@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,8 @@ def test_folder_that_is_not_a_model(run_cli, tmp_path):
     ("sampler.temperature=abc", "sampler.temperature"),
     ("sampler=nope", "nope"),
     ("sampler.backend=foo", "Invalid value 'foo', expected one of [hf, vllm]"),
+    ("evaluate.policy_from=sft", "Invalid value 'sft', expected one of [dpo, pdistill]"),
+    ("logger.mode=onlin", "Invalid value 'onlin', expected one of [online, offline, disabled, shared]"),
 ])
 def test_bad_override_is_hydras_short_error(run_cli, tmp_path, override, needle):
     done = _fail(run_cli, tmp_path, override)
@@ -85,6 +88,15 @@ def test_bad_override_is_hydras_short_error(run_cli, tmp_path, override, needle)
 def test_bad_choice_is_validated(run_cli, tmp_path, override, needle):
     line = _tsalign_error(_fail(run_cli, tmp_path, override))
     assert needle in line
+
+
+def test_every_bad_value_in_one_line(run_cli, tmp_path):
+    line = _tsalign_error(_fail(run_cli, tmp_path, "iteration=-1", "rank.max_calls=-1", "optimizer.learning_rate=0",
+                                "dpo.reference_refresh_steps=8", "dpo.lora=true"))
+    assert line.startswith("tsalign: error: 4 problems in the config: (1) iteration must be >= 0; ")
+    for problem in ("optimizer.learning_rate=0.0 must be > 0", "rank.max_calls=-1 must be >= 0",
+                    "dpo.reference_refresh_steps=8: needs a whole number >= 1 and full fine-tuning (dpo.lora=false"):
+        assert problem in line
 
 
 def test_iteration_without_upstream(run_cli, tmp_path):
@@ -105,3 +117,17 @@ def test_changed_config_needs_redo(run_cli, tmp_path):
     line = _tsalign_error(done)
     assert "redo=true" in line and "sampler.max_new_tokens" in line
     assert manifest.read_bytes() == before
+
+
+def test_model_dir_prints_the_folder_to_serve(run_cli, tmp_path):
+    """`tsalign-model-dir policy` (README: Served teacher) prints the local HF folder of the configured policy."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = "import sys; from tsalign.cli import model_dir_main; model_dir_main(sys.argv[1:])"
+    done = subprocess.run([sys.executable, "-c", code, "policy", "model=tiny"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, check=False)
+    folder = Path(done.stdout.strip().splitlines()[-1])
+    assert done.returncode == 0 and (folder / "config.json").is_file()

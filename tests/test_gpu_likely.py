@@ -103,8 +103,8 @@ def test_adpa_dckd_starts_the_greedy_engine_on_a_released_device(tmp_path, monke
     from conftest import run_stage_inprocess, stage_config
 
     from tsalign.artifacts.store import atomic_write_jsonl
-    from tsalign.stages import pdistill
     from tsalign.stages.lineage import base_model_dir
+    from tsalign.stages.pdistill import answers
 
     out = tmp_path / "outputs"
     cfg = stage_config(out, ["stage=pdistill"])
@@ -120,7 +120,7 @@ def test_adpa_dckd_starts_the_greedy_engine_on_a_released_device(tmp_path, monke
         seen.update(loaded=len(ledger.models), released=ledger.released(), empties=list(ledger.empties))
         return ["An answer." for _ in prompts]
 
-    monkeypatch.setattr(pdistill, "greedy_answers", greedy_answers)
+    monkeypatch.setattr(answers, "greedy_answers", greedy_answers)
     run_stage_inprocess("pdistill", out, [
         "experiment_name=gl", "method=adpa_dckd", f"pdistill.data={pairs}", f"pdistill.teacher_policy={tiny}",
         f"pdistill.cache_dir={tmp_path / 'cache'}", "device=cpu", "pdistill.max_steps=1", "pdistill.batch_size=2",
@@ -301,14 +301,14 @@ def test_pdistill_greedy_answers_fill_a_gpu_engine(tmp_path, monkeypatch):
     from conftest import stage_config
 
     from tsalign.stages import factory as engines
-    from tsalign.stages import pdistill
+    from tsalign.stages.pdistill import answers
 
     sampler = fake_vllm_sampler(monkeypatch, gpu=True)
     engine = sampler.llm
     monkeypatch.setattr(engines, "open_sampler", lambda *args: sampler)
     cfg = stage_config(tmp_path, ["stage=pdistill"])
     prompts = [[{"role": "user", "content": f"q {i}"}] for i in range(3000)]
-    assert len(pdistill.greedy_answers(cfg, Path("student"), prompts)) == 3000
+    assert len(answers.greedy_answers(cfg, Path("student"), prompts)) == 3000
     assert [len(call) for call in engine.calls] == [2048, 952]  # 2 x 1024 sequences per call, not batch_size
 
 

@@ -262,9 +262,9 @@ def test_a_lora_adapter_gathered_from_sharded_weights_is_merged_into_a_fresh_bas
     from peft import LoraConfig, get_peft_model
 
     from tsalign.engines.models import load_causal_lm, load_tokenizer
-    from tsalign.stages import dpo
     from tsalign.stages.lineage import base_model_dir
     from tsalign.training.divergence import largest_weight
+    from tsalign.training.saving import merge_saved_adapter
 
     cfg = compose(["model=tiny", "dpo.lora=true"])
     base = base_model_dir(cfg, cfg.policy)
@@ -275,7 +275,7 @@ def test_a_lora_adapter_gathered_from_sharded_weights_is_merged_into_a_fresh_bas
     peft.save_pretrained(adapter)
     expected = peft.merge_and_unload().state_dict()
     out = tmp_path / "policy"
-    dpo.merge_saved_adapter(adapter, base, load_tokenizer(base), out, cfg, True, largest_weight(load_causal_lm(base)))
+    merge_saved_adapter(adapter, base, load_tokenizer(base), out, cfg, True, largest_weight(load_causal_lm(base)))
     merged = load_causal_lm(out).state_dict()
     assert merged.keys() == expected.keys() and not adapter.exists()
     assert all(torch.allclose(merged[k], expected[k], atol=1e-6) for k in merged)

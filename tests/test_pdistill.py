@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli, run_stage_inprocess, stage_config
+from hydra.errors import ConfigCompositionException
 
 from tsalign.artifacts.store import StageRun, atomic_write_jsonl, read_manifest, stage_dir
 from tsalign.engines.models import load_causal_lm
@@ -104,7 +105,7 @@ def test_evaluate_judges_the_pdistill_student_against_pi_0(outputs):
     _, m = run_stage_inprocess("evaluate", outputs, ["experiment_name=dckd_eval", "evaluate.policy_from=pdistill"])
     assert m["inputs"]["policy"]["path"].endswith("iter_0/pdistill/policy") and "student" not in m["inputs"]
     assert m["counts"]["n"] == 4 and m["counts"]["student_agreement"] is None
-    with pytest.raises(TsalignError, match="evaluate.policy_from=sft"):
+    with pytest.raises(ConfigCompositionException, match="evaluate.policy_from=sft"):  # an enum: refused at compose
         run_stage_inprocess("evaluate", outputs, ["experiment_name=dckd_eval", "evaluate.policy_from=sft"])
 
 
@@ -159,7 +160,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_in_one_line(outputs, tmp_pa
 
 
 def test_model_references_and_their_errors(outputs, tmp_path):
-    from tsalign.stages.pdistill import model_ref
+    from tsalign.stages.pdistill.sources import model_ref
 
     cfg = stage_config(outputs, ["experiment_name=pd", "pdistill.teacher_policy=pi_T"])
     folder, label = model_ref(cfg, "teacher_policy")
@@ -190,8 +191,9 @@ def test_method_presets_set_the_loss(compose, method, loss):
 
 
 def test_collate_aligns_teacher_rows_with_the_predicting_positions():
-    from tsalign.stages.pdistill import Example, collate
+    from tsalign.stages.pdistill.data import Example
     from tsalign.stages.pdistill.teacher_cache import Sequence
+    from tsalign.stages.pdistill.trainer import collate
 
     k = 2
     rows = lambda n, v: {"ids": torch.full((n, k), v, dtype=torch.int32), "probs": torch.full((n, k), 0.25),  # noqa: E731

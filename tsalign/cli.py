@@ -19,34 +19,27 @@ from pathlib import Path
 import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-from tsalign.config.choices import ROLE_KINDS
 from tsalign.config.schema import conf_dir, register_configs
 from tsalign.errors import TsalignError
+from tsalign.views.tracking import check_tracker
 
 CONF_DIR = str(conf_dir())
-# sizes that transformers / TRL reject only deep inside a stage, after models have loaded
-AT_LEAST_ONE = ("sampler.max_new_tokens", "sampler.batch_size", "sampler.max_prompt_tokens", "student.batch_size",
-                "teacher.batch_size", "distill.epochs", "distill.batch_size", "dpo.batch_size",
-                "dpo.gradient_accumulation_steps")
 # errors of a folder that cannot be written: one line naming it, not a traceback
 UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOSPC, errno.EDQUOT, errno.EEXIST)
 
 
 def validate(cfg: DictConfig) -> None:
-    """What the schema's types cannot say: which model kinds each role takes, and value ranges.
-    (Closed sets of values are enums in tsalign/config/choices.py, rejected by Hydra at compose time.)"""
-    for role, kinds in ROLE_KINDS.items():
-        kind = OmegaConf.select(cfg, f"{role}.kind")
-        if kind not in kinds:
-            raise TsalignError(f"{role}.kind={kind} is not one of: {', '.join(kinds)}")
-    for key in ("iteration", "iterations", "generate.num_candidates", "data.prompts_per_iteration", "data.eval_prompts",
-                "rank.shortlist_m", *AT_LEAST_ONE):
-        if OmegaConf.select(cfg, key) < (0 if key == "iteration" else 1):
-            raise TsalignError(f"{key} must be {'>= 0' if key == 'iteration' else '>= 1'}")
-    for key in ("optimizer.learning_rate", "distill.learning_rate"):
-        if not OmegaConf.select(cfg, key) > 0:
-            raise TsalignError(f"{key}={OmegaConf.select(cfg, key)} must be > 0")
+    """Every value problem at once, before anything loads. OmegaConf.to_object builds the schema's dataclasses,
+    and TsalignConfig.__post_init__ raises one TsalignError listing what each section's problems() found
+    (tsalign/config/schema.py). The objects are dropped: the stages read the DictConfig."""
+    try:
+        OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:  # a user's option file that leaves a required key at ???
+        raise TsalignError(f"{e.full_key} has no value (??? in the config); set {e.full_key}=...") from None
+    except InterpolationResolutionError as e:  # e.g. ${oc.env:HOME} with HOME unset
+        raise TsalignError(f"{e.full_key}: {str(e).splitlines()[0]}") from None
 
 
 def swept_keys(hc) -> set[str]:
@@ -81,6 +74,7 @@ def experiment_dir(cfg: DictConfig) -> Path:
 def configure(cfg: DictConfig) -> DictConfig:
     validate(cfg)
     cfg.experiment_dir = str(experiment_dir(cfg))
+    check_tracker(cfg.logger.backend, cfg.logger.mode)  # what only the environment can refuse (WANDB_MODE)
     from tsalign.distributed import narrow_visible_gpus
     from tsalign.stages.registry import REGISTRY
 
@@ -257,3 +251,28 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def model_dir_main(argv: list[str] | None = None) -> None:
+    """`tsalign-model-dir <teacher|policy|student> [overrides]`: print the local folder of a configured model, to
+    start a server on it (the fitted CPU teacher is fitted first, SmolLM2 converted from its GGUF once)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("teacher", "policy", "student"):
+        sys.exit("usage: tsalign-model-dir <teacher|policy|student> [overrides]")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tsalign.stages.factory import teacher_model_dir
+    from tsalign.stages.lineage import base_model_dir
+
+    register_configs()
+    with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = hydra.compose("config", argv[1:])
+    OmegaConf.set_readonly(cfg, False)
+    try:
+        configure(cfg)
+        role = argv[0]
+        folder = teacher_model_dir(cfg) if role == "teacher" else base_model_dir(cfg, cfg[role])
+    except TsalignError as e:
+        fail(str(e))
+    if folder is None:
+        sys.exit(f"{role} is served over HTTP ({cfg.teacher.served.base_url}): it has no local folder")
+    print(folder)

@@ -7,7 +7,8 @@ Every file is written to a temp name in the same directory, fsynced and renamed,
 either the old file or the new one, never half of one. A redo of a finished stage works in a staging
 directory beside it and replaces the finished one only once it has finished itself. Finished outputs
 are checked against their manifest (size and mtime, the content hash when those differ) before
-anything trusts them. This module knows nothing of stages.
+anything trusts them. This module knows nothing of stages. What it writes is a persisted format
+(FORMAT.md beside this file): finished experiments on users' disks are recognised as done by it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from tsalign.artifacts.format import hashed_config
 from tsalign.errors import TsalignError
 
 MANIFEST = "manifest.json"
@@ -253,7 +255,7 @@ class StageRun:
     directory: Path
     stage: str
     iteration: int
-    config: dict  # the part of the config this stage's outputs depend on
+    config: dict  # the part of the config this stage's outputs depend on (recorded whole in the manifest)
     inputs: dict[str, Path] = field(default_factory=dict)
     redo: bool = False
     started: float = field(default_factory=time.time)
@@ -268,6 +270,11 @@ class StageRun:
     def staging(self) -> Path:
         return self.directory.with_name(f".{self.directory.name}.redo")
 
+    @property
+    def hashed(self) -> dict:
+        """The config as hashed and compared: new keys at their default left out (tsalign.artifacts.format)."""
+        return hashed_config(self.stage, self.config)
+
     def input_fingerprints(self) -> dict[str, dict]:
         """Taken once per run: is_done, the resume stamp and the manifest share them (a prompt file
         without a manifest would otherwise be hashed three times)."""
@@ -277,7 +284,7 @@ class StageRun:
 
     def stamp(self) -> dict:
         """What resumable partial work (_work/) is valid for: this config and these exact inputs."""
-        return {"config": self.config, "inputs": {k: v["sha256"] for k, v in self.input_fingerprints().items()}}
+        return {"config": self.hashed, "inputs": {k: v["sha256"] for k, v in self.input_fingerprints().items()}}
 
     def is_done(self) -> bool:
         """True when a matching manifest exists and its outputs are intact. Raises ConfigChanged when
@@ -285,7 +292,9 @@ class StageRun:
         if not self.manifest_path.is_file():
             return False
         old = json.loads(self.manifest_path.read_text())
-        changed = _diff(old.get("config", {}), self.config)
+        # both sides through the same view: a key added since (absent from the old manifest) counts only when
+        # it is set off its default; the old config is kept whole, so a default changed since is a change too
+        changed = _diff(hashed_config(self.stage, old.get("config", {})), self.hashed)
         old_inputs = {k: v["sha256"] for k, v in old.get("inputs", {}).items()}
         new_inputs = {k: v["sha256"] for k, v in self.input_fingerprints().items()}
         changed += [f"input:{k}" for k in sorted(set(old_inputs) | set(new_inputs)) if old_inputs.get(k) != new_inputs.get(k)]
@@ -315,7 +324,7 @@ class StageRun:
         manifest = {
             "stage": self.stage,
             "iteration": self.iteration,
-            "config_hash": config_hash(self.config),
+            "config_hash": config_hash(self.hashed),
             "config": self.config,
             "inputs": self.input_fingerprints(),
             "outputs": {k: str(Path(v).relative_to(work)) for k, v in outputs.items()},

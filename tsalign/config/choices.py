@@ -23,8 +23,6 @@ class Stage(StrEnum):
     plan = "plan"  # per stage: the models it holds, memory per device, whether it fits (reads config.json only)
 
 
-
-
 class ModelKind(StrEnum):
     causal_lm = "causal_lm"
     reward_model = "reward_model"
@@ -136,7 +134,26 @@ class LoggerBackend(StrEnum):
     wandb = "wandb"
 
 
-# Which kinds each model role accepts: checked once, in tsalign.cli.validate.
+class WandbMode(StrEnum):
+    """logger.mode: the modes wandb.init accepts (wandb 0.31). null = offline unless WANDB_MODE says otherwise."""
+
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+    shared = "shared"  # several processes write to one run
+
+
+class PolicyFrom(StrEnum):
+    """evaluate.policy_from: the stage whose iter_<t>/<stage>/policy is judged against pi_0."""
+
+    dpo = "dpo"  # TS-Align, TSO
+    pdistill = "pdistill"  # DCKD / ADPA's student
+
+
+# dpo.loss_type is open (any TRL loss_type); this is the one tsalign adds (TSO's clipped sigmoid loss)
+DUAL_CLIP = "dual_clip"
+
+# Which kinds each model role accepts: checked once, in TsalignConfig.problems (tsalign/config/schema.py).
 ROLE_KINDS = {
     "policy": (ModelKind.causal_lm,),
     "student": (ModelKind.reward_model,),

@@ -3,11 +3,16 @@
 conf/config.yaml starts its defaults list with `tsalign_schema`, so every YAML merges into these
 dataclasses: a misspelled key, a wrong type or a value outside a closed set (tsalign/config/choices.py)
 fails at compose time with Hydra's own message naming the key.
+
+What types cannot say (ranges, which model kinds a role takes, keys that exclude each other) each
+section says in its `problems()`: one line per problem, naming the key and the fix. The CLI turns the
+composed config into these objects once (OmegaConf.to_object); TsalignConfig.__post_init__ then
+collects every section's problems and raises one TsalignError listing them all.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -15,6 +20,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from tsalign.config.choices import (
+    DUAL_CLIP,
+    ROLE_KINDS,
     AdvantageClip,
     BudgetScope,
     Correction,
@@ -26,6 +33,7 @@ from tsalign.config.choices import (
     LoggerBackend,
     ModelKind,
     PdistillLoss,
+    PolicyFrom,
     Reference,
     Replay,
     SamplerBackend,
@@ -33,10 +41,23 @@ from tsalign.config.choices import (
     Selection,
     ServedApi,
     Stage,
+    WandbMode,
 )
+from tsalign.errors import TsalignError
 
 STAGES = tuple(Stage)
 __all__ = ["STAGES", "TsalignConfig", "register_configs", "conf_dir"]
+
+
+def too_small(at: str, section: object, minimum: int, keys: tuple[str, ...]) -> list[str]:
+    """'<at><key> must be >= <minimum>' for each key below it: sizes that transformers / TRL reject only deep
+    inside a stage, after models have loaded."""
+    return [f"{at}{key} must be >= {minimum}" for key in keys if getattr(section, key) < minimum]
+
+
+def not_positive(at: str, section: object, keys: tuple[str, ...]) -> list[str]:
+    """Learning rates: `not > 0` also catches nan."""
+    return [f"{at}{key}={getattr(section, key)} must be > 0" for key in keys if not getattr(section, key) > 0]
 
 
 @dataclass
@@ -53,6 +74,13 @@ class FitSpec:
     learning_rate: float = 5e-5
     max_length: int = 256
     seed: int = 0
+
+    def problems(self, at: str) -> list[str]:
+        """at: where this fit sits (student.fit, teacher.fit). The range matters only when there is data to fit."""
+        start_end = self.train_range
+        if not self.data or (len(start_end) == 2 and 0.0 <= start_end[0] < start_end[1] <= 1.0):
+            return []
+        return [f"{at}.train_range={start_end} must be two fractions 0 <= start < end <= 1"]
 
 
 @dataclass
@@ -114,6 +142,10 @@ class ModelSpec:
     max_length: int = 512  # tokens a scorer reads (prompt truncated from the left, response kept)
     batch_size: int = 16
 
+    def problems(self, role: str) -> list[str]:
+        """role: the key this model sits at (policy, teacher, student); which kinds it takes is the caller's."""
+        return too_small(f"{role}.", self, 1, ("batch_size",)) + self.fit.problems(f"{role}.fit")
+
 
 @dataclass
 class SamplerConfig:
@@ -131,6 +163,9 @@ class SamplerConfig:
     enforce_eager: Optional[bool] = None  # null = eager on CPU, CUDA graphs on GPU
     kv_cache_gib: Optional[float] = None  # null = 2 GiB on CPU (or VLLM_CPU_KVCACHE_SPACE), vLLM's share on GPU
 
+    def problems(self) -> list[str]:
+        return too_small("sampler.", self, 1, ("max_new_tokens", "batch_size", "max_prompt_tokens"))
+
 
 @dataclass
 class DataConfig:
@@ -144,13 +179,17 @@ class DataConfig:
     streaming: bool = False  # iterate rows instead of preparing the whole set (large sets; with max_rows)
     max_rows: Optional[int] = None  # read at most this many rows (the first ones)
     input_field: Optional[str] = "input"  # appended to the instruction when present (Alpaca style)
-    reference_field: Optional[str] = "output"  # a reference answer per prompt (generate.references); the embedded pools have one
+    # a reference answer per prompt (generate.references); the embedded pools have one
+    reference_field: Optional[str] = "output"
     system_prompt: Optional[str] = None
     eval_prompts: int = 32  # held-out shard, never trained on
     prompts_per_iteration: int = 32
     max_prompts: Optional[int] = None  # cap on this iteration's shard (quick runs)
     schedule: Schedule = Schedule.fresh
     split_seed: int = 0
+
+    def problems(self) -> list[str]:
+        return too_small("data.", self, 1, ("prompts_per_iteration", "eval_prompts"))
 
 
 @dataclass
@@ -162,6 +201,12 @@ class OptimizerConfig:
     warmup_ratio: float = 0.0
     max_grad_norm: float = 1.0
 
+    def problems(self) -> list[str]:
+        found = not_positive("optimizer.", self, ("learning_rate",))
+        if not 0 <= self.warmup_ratio < 1:  # transformers 5 reads warmup_steps below 1 as a ratio
+            found.append(f"optimizer.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        return found
+
 
 @dataclass
 class GenerateConfig:
@@ -171,6 +216,9 @@ class GenerateConfig:
     matrix: List[str] = field(default_factory=list)
     matrix_candidates: int = 2
     references: bool = False
+
+    def problems(self) -> list[str]:
+        return too_small("generate.", self, 1, ("num_candidates",))
 
 
 @dataclass
@@ -190,6 +238,14 @@ class RankConfig:
     # TSO: a pair of the prompt's reference answer vs a policy answer is labelled "reference wins"; a teacher
     # verdict against it is flipped (override) or dropped (filter); counted either way
     correction: Correction = Correction.none
+
+    def problems(self) -> list[str]:
+        found = too_small("rank.", self, 1, ("shortlist_m",))
+        if self.max_calls is not None and self.max_calls < 0:
+            found.append(f"rank.max_calls={self.max_calls} must be >= 0 (null: no teacher budget)")
+        if not 0.0 <= self.uncertain_fraction <= 1.0:
+            found.append(f"rank.uncertain_fraction={self.uncertain_fraction} must be between 0 and 1")
+        return found
 
 
 @dataclass
@@ -212,6 +268,10 @@ class DistillConfig:
     learning_rate: float = 5e-5
     max_length: int = 256
 
+    def problems(self) -> list[str]:
+        sizes = too_small("distill.", self, 1, ("epochs", "batch_size"))
+        return sizes + not_positive("distill.", self, ("learning_rate",))
+
 
 @dataclass
 class DpoConfig:
@@ -233,6 +293,17 @@ class DpoConfig:
     lora_target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     save_steps: int = 10  # step checkpoints so an interrupted DPO resumes
     logging_steps: int = 1
+
+    def problems(self) -> list[str]:
+        found = too_small("dpo.", self, 1, ("batch_size", "gradient_accumulation_steps"))
+        refresh = self.reference_refresh_steps
+        if refresh is not None and (refresh < 1 or self.lora):
+            found.append(f"dpo.reference_refresh_steps={refresh}: needs a whole number >= 1 and full fine-tuning "
+                         "(dpo.lora=false; with LoRA there is no separate reference to refresh)")
+        low_high = self.dual_clip
+        if self.loss_type == DUAL_CLIP and not (len(low_high) == 2 and low_high[0] < low_high[1]):
+            found.append(f"dpo.dual_clip={low_high} must be [low, high] with low < high")
+        return found
 
 
 @dataclass
@@ -261,6 +332,13 @@ class PdistillConfig:
     max_length: int = 384  # tokens of prompt + response (prompt cut from the left, response from the end)
     logging_steps: int = 1
 
+    def problems(self) -> list[str]:
+        sizes = ("top_k", "batch_size", "teacher_batch_size", "gradient_accumulation_steps", "max_length")
+        found = [f"pdistill.{key}={getattr(self, key)} must be >= 1" for key in sizes if getattr(self, key) < 1]
+        if self.max_pairs is not None and self.max_pairs < 1:
+            found.append(f"pdistill.max_pairs={self.max_pairs} must be >= 1 (null: every pair)")
+        return found
+
 
 @dataclass
 class EvaluateConfig:
@@ -268,7 +346,7 @@ class EvaluateConfig:
     # optimised reward); or a conf/teacher/ option, e.g. evaluate.judge=llama3_70b_judge
     judge: Optional[str] = None
     # which iteration-t policy is judged against pi_0: dpo (TS-Align, TSO) or pdistill (DCKD / ADPA's student)
-    policy_from: str = "dpo"
+    policy_from: PolicyFrom = PolicyFrom.dpo
     control: bool = True  # base-vs-base run: its win rate must sit near 50%
     tie_threshold: float = 0.0
     confidence: float = 0.95
@@ -279,7 +357,7 @@ class EvaluateConfig:
 class LoggerConfig:
     backend: LoggerBackend = LoggerBackend.none
     project: str = "tsalign"
-    mode: Optional[str] = None  # wandb mode; offline unless set here or in WANDB_MODE
+    mode: Optional[WandbMode] = None  # null = offline unless WANDB_MODE says otherwise
     entity: Optional[str] = None
 
 
@@ -330,6 +408,29 @@ class TsalignConfig:
     pdistill: PdistillConfig = field(default_factory=PdistillConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def __post_init__(self) -> None:
+        """Runs once, when the CLI turns the composed config into objects (OmegaConf.to_object). The sections
+        have no __post_init__ of their own: they only list their problems, so all are reported together."""
+        found = self.problems()
+        if len(found) == 1:
+            raise TsalignError(found[0])
+        if found:
+            numbered = "; ".join(f"({n}) {problem}" for n, problem in enumerate(found, 1))
+            raise TsalignError(f"{len(found)} problems in the config: {numbered}")
+
+    def problems(self) -> list[str]:
+        """This config's own keys, each model role's (its kind: ROLE_KINDS), then every section with problems()."""
+        found = too_small("", self, 0, ("iteration",)) + too_small("", self, 1, ("iterations",))
+        for role, kinds in ROLE_KINDS.items():
+            spec = getattr(self, role)
+            if spec.kind not in kinds:
+                found.append(f"{role}.kind={spec.kind} is not one of: {', '.join(kinds)}")
+            found += spec.problems(role)
+        for section in (getattr(self, f.name) for f in fields(self) if f.name not in ROLE_KINDS):
+            if hasattr(section, "problems"):
+                found += section.problems()
+        return found
 
 
 def conf_dir() -> Path:

@@ -18,11 +18,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
-from tsalign.views.tracking import Tracker
+
+class Tracker(Protocol):
+    """What a stage may do with the run's tracker (tsalign.views.tracking: wandb, or nothing)."""
+
+    report_to: list[str]  # for TRL / transformers Trainers: ["wandb"] or []
+
+    def log(self, metrics: dict, step: int | None = None) -> None: ...
+
+    def table(self, name: str, rows: list[dict]) -> None: ...
 
 
 @dataclass(frozen=True)

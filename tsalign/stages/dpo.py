@@ -14,10 +14,7 @@ Writes iter_<t>/dpo/policy/: a plain HF checkpoint (LoRA merged) + tokenizer, wh
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -26,17 +23,28 @@ from omegaconf import DictConfig
 
 from tsalign import distributed
 from tsalign.algorithms.pairs import fit_pair, to_trl_row
-from tsalign.artifacts.store import atomic_dir, atomic_write_text, config_hash, read_jsonl, replace_dir
-from tsalign.config.choices import Reference
+from tsalign.artifacts.store import config_hash, read_jsonl
+from tsalign.config.choices import (
+    DUAL_CLIP,  # TSO's dual-clip loss; every other loss_type is TRL's
+    Reference,
+)
 from tsalign.engines.models import load_causal_lm, load_tokenizer, pick_device
 from tsalign.errors import TsalignError
 from tsalign.stages.checks import base_model, check_lengths, model_at
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
 from tsalign.stages.lineage import base_model_dir, finished_output, policy_source
-from tsalign.training.divergence import check_weights, diverged, divergence, largest_weight
+from tsalign.training.divergence import largest_weight
 from tsalign.training.dpo_trainer import trained_dtype
-
-DUAL_CLIP = "dual_clip"  # TSO's dual-clip loss (tsalign/training/dpo_trainer.py); every other loss_type is TRL's
+from tsalign.training.saving import save_policy
+from tsalign.training.trainer import (
+    checkpoint_step,
+    fresh_checkpoints,
+    log_stats,
+    report_steps,
+    setup_errors,
+    step_callback,
+    trainer_arguments,
+)
 
 
 def reference_label(cfg: DictConfig, policy_label: str) -> str:
@@ -79,48 +87,22 @@ def check_fsdp_loading(cfg: DictConfig, environ=os.environ) -> None:
 
 
 def training_args(cfg: DictConfig, output_dir: Path, device: str, report_to: list[str]):
-    import torch
     from trl import DPOConfig
 
-    d, o = cfg.dpo, cfg.optimizer
-    gpu = device.startswith("cuda")
-    if not 0 <= o.warmup_ratio < 1:
-        raise TsalignError(f"optimizer.warmup_ratio={o.warmup_ratio} must be in [0, 1)")
-    refresh = d.reference_refresh_steps
-    if refresh is not None and (refresh < 1 or d.lora):
-        raise TsalignError(f"dpo.reference_refresh_steps={refresh}: needs a whole number >= 1 and full "
-                           "fine-tuning (dpo.lora=false; with LoRA there is no separate reference to refresh)")
-    if d.loss_type == DUAL_CLIP and not (len(d.dual_clip) == 2 and d.dual_clip[0] < d.dual_clip[1]):
-        raise TsalignError(f"dpo.dual_clip={list(d.dual_clip)} must be [low, high] with low < high")
+    d = cfg.dpo
+    refresh = d.reference_refresh_steps  # values checked with the config (tsalign.config.schema.DpoConfig)
     loss_type = "sigmoid" if d.loss_type == DUAL_CLIP else d.loss_type  # dual clip clips TRL's sigmoid loss
     return DPOConfig(
         output_dir=str(output_dir), beta=d.beta, loss_type=[loss_type], max_length=d.max_length,
         sync_ref_model=refresh is not None, ref_model_sync_steps=refresh or 512, ref_model_mixup_alpha=1.0,
-        num_train_epochs=d.epochs, max_steps=d.max_steps, per_device_train_batch_size=d.batch_size,
-        gradient_accumulation_steps=d.gradient_accumulation_steps, learning_rate=o.learning_rate,
-        lr_scheduler_type=o.lr_scheduler_type, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
-        warmup_steps=o.warmup_ratio,  # transformers 5 has no warmup_ratio: a float below 1 is a ratio
-        optim=o.name, logging_steps=d.logging_steps, seed=cfg.seed,
-        save_strategy="steps", save_steps=d.save_steps, save_total_limit=2, report_to=report_to,
-        use_cpu=not gpu, bf16=gpu and torch.cuda.is_bf16_supported(), gradient_checkpointing=gpu,
-        disable_tqdm=True,
+        save_strategy="steps", save_steps=d.save_steps, save_total_limit=2,
+        **trainer_arguments(cfg, d, device, report_to),
     )
-
-
-@contextlib.contextmanager
-def trl_errors():
-    """TRL / transformers reject bad settings with ValueError deep inside; say it in one line."""
-    try:
-        yield
-    except (ValueError, TypeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TsalignError(f"DPO setup rejected the config (dpo.* / optimizer.*): {first}") from None
 
 
 def make_trainer(cfg: DictConfig, model, ref_model, tokenizer, dataset, args):
     """The DPOTrainer of this stage (its own function so tests can inspect or wrap it)."""
     import datasets
-    from transformers import PrinterCallback
     from trl import DPOTrainer
 
     trainer_class = DPOTrainer
@@ -142,140 +124,18 @@ def make_trainer(cfg: DictConfig, model, ref_model, tokenizer, dataset, args):
     finally:
         if bars:
             datasets.enable_progress_bars()
-    trainer.remove_callback(PrinterCallback)  # one short line per log instead of the full dict
-    trainer.add_callback(stage_callback(cfg.optimizer.learning_rate))
+    report_steps(trainer, stage_callback(cfg.optimizer.learning_rate))
     return trainer
 
 
+def step_line(head: str, logs: dict) -> str:
+    return (f"[dpo] {head} acc {logs.get('rewards/accuracies', float('nan')):.2f} "
+            f"margin {logs.get('rewards/margins', float('nan')):.4f}")
+
+
 def stage_callback(learning_rate: float):
-    """One short line per logged step; no checkpoint after the last step, where the policy is saved
-    next anyway (a full-model + optimizer checkpoint costs ~14 s and 1.6 GB for SmolLM2-135M); and a
-    diverging run (tsalign.training.divergence) stops at the step that shows it, before any checkpoint of it
-    is saved (Trainer logs before it saves), with an error naming optimizer.learning_rate."""
-    from transformers import TrainerCallback
-
-    class StageCallback(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.started, self.first_step = time.monotonic(), state.global_step  # a resumed run starts later
-
-        def eta(self, state) -> str:
-            done = state.global_step - self.first_step
-            if done <= 0:
-                return ""
-            per_step = (time.monotonic() - self.started) / done
-            return f", {per_step:.1f} s/step, ETA {per_step * (state.max_steps - state.global_step):.0f} s"
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= state.max_steps:
-                control.should_save = False
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            first = next((h["loss"] for h in state.log_history if "loss" in h), None)
-            reason = divergence(logs or {}, first)
-            if reason:
-                raise diverged("DPO", f"at step {state.global_step}/{state.max_steps}", reason,
-                               "optimizer.learning_rate", learning_rate)
-            if logs and "loss" in logs:
-                print(f"[dpo] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
-                      f"acc {logs.get('rewards/accuracies', float('nan')):.2f} "
-                      f"margin {logs.get('rewards/margins', float('nan')):.4f}{self.eta(state)}", flush=True)
-
-    return StageCallback()
-
-
-def fresh_checkpoints(directory: Path, stamp: str) -> Path | None:
-    """The latest step checkpoint made under this exact config and input; stale ones are deleted."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    stamp_file = directory.parent / "checkpoints.config"
-    if not stamp_file.is_file() or stamp_file.read_text() != stamp:
-        shutil.rmtree(directory, ignore_errors=True)
-        atomic_write_text(stamp_file, stamp)
-    while directory.is_dir() and (last := get_last_checkpoint(str(directory))):
-        try:  # Trainer writes trainer_state.json last: without a readable one the save was cut by a crash
-            json.loads((Path(last) / "trainer_state.json").read_text())
-            return last
-        except (OSError, json.JSONDecodeError):
-            shutil.rmtree(last, ignore_errors=True)
-    return None
-
-
-def log_stats(history: list[dict]) -> dict:
-    """Means over the logged steps (a resumed run's history includes the steps before the crash)."""
-    steps = [h for h in history if "loss" in h]
-
-    def mean(key: str) -> float | None:
-        return round(sum(h[key] for h in steps) / len(steps), 4) if steps and key in steps[0] else None
-
-    return {"train_loss": mean("loss"), "first_loss": round(steps[0]["loss"], 4) if steps else None,
-            "last_loss": round(steps[-1]["loss"], 4) if steps else None,
-            "reward_accuracy_mean": mean("rewards/accuracies"), "reward_margin_mean": mean("rewards/margins")}
-
-
-def params_sharded(trainer) -> bool:
-    """Each process holds a slice of every weight: DeepSpeed ZeRO-3 (outside GatheredParameters a partitioned
-    parameter is an empty tensor) or FSDP (DTensor shards). ZeRO-2 keeps whole weights on every process."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    return getattr(trainer, "is_fsdp_enabled", False) or (
-        getattr(trainer, "is_deepspeed_enabled", False) and is_deepspeed_zero3_enabled())
-
-
-@contextlib.contextmanager
-def outside_zero3():
-    """from_pretrained as in a plain process: while the trainer's DeepSpeed config is registered, transformers
-    builds every model under deepspeed.zero.Init, a collective the other processes are not in."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
-
-
-def merge_saved_adapter(adapter: Path, base_dir: Path, tokenizer, path: Path, cfg: DictConfig, use_cache: bool,
-                        largest_before: float) -> None:
-    """The LoRA adapter Trainer.save_model gathered, merged into a fresh CPU copy of the base (main process only)."""
-    from peft import PeftModel
-
-    with outside_zero3():
-        base = load_causal_lm(base_dir, cfg.policy.dtype, "cpu")
-        trained = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-    trained.config.use_cache = use_cache
-    check_weights(trained, "DPO", "optimizer.learning_rate", cfg.optimizer.learning_rate, largest_before)
-    with atomic_dir(path) as tmp:
-        trained.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    shutil.rmtree(adapter, ignore_errors=True)
-
-
-def save_policy(trainer, tokenizer, path: Path, cfg: DictConfig, use_cache: bool, largest_before: float,
-                base_dir: Path) -> None:
-    """pi_{t+1} as a plain HF checkpoint (LoRA merged), written once. Sharded weights (DeepSpeed ZeRO-3,
-    FSDP) are gathered by Trainer.save_model, which every process must call; the main process writes.
-    A LoRA adapter trained on sharded weights is gathered the same way and merged into the base loaded
-    afresh: merging in place would add into empty ZeRO-3 partitions (a checkpoint of shape-[0] tensors)
-    or write FSDP's DTensors from the main process alone (save_pretrained fails on them)."""
-    sharded = getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False)
-    if sharded and (not cfg.dpo.lora or params_sharded(trainer)):
-        staging = path.with_name(f".{path.name}.sharded.tmp")  # the same name on every process
-        trainer.save_model(str(staging))  # LoRA: the adapter only
-        distributed.barrier()
-        if distributed.is_main() and cfg.dpo.lora:
-            merge_saved_adapter(staging, base_dir, tokenizer, path, cfg, use_cache, largest_before)
-        elif distributed.is_main():
-            tokenizer.save_pretrained(staging)
-            replace_dir(staging, path)
-        return
-    trained = trainer.model.merge_and_unload() if cfg.dpo.lora else trainer.model
-    trained.config.use_cache = use_cache
-    check_weights(trained, "DPO", "optimizer.learning_rate", cfg.optimizer.learning_rate, largest_before)
-    if distributed.is_main():  # DDP replicas are identical: one writes
-        with atomic_dir(path) as tmp:
-            trained.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+    """dpo's step lines (with the time left) and divergence stop (tsalign.training.trainer.step_callback)."""
+    return step_callback("DPO", step_line, learning_rate, eta=True)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -298,7 +158,7 @@ def run(ctx: StageContext) -> StageResult:
     dataset = Dataset.from_list([row for row, _ in fitted])
 
     ckpt_dir = out_dir / "_work" / "checkpoints"
-    with trl_errors():  # a bad loss_type / optimizer / scheduler fails here, before any model loads
+    with setup_errors("DPO", "dpo"):  # a bad loss_type / optimizer / scheduler fails here, before any model loads
         args = training_args(cfg, ckpt_dir, device, tracker.report_to)
     t0 = time.time()
     model = load_causal_lm(model_dir, trained_dtype(cfg), device)
@@ -312,9 +172,9 @@ def run(ctx: StageContext) -> StageResult:
     resume = distributed.from_main(lambda: fresh_checkpoints(ckpt_dir, config_hash(ctx.stamp)))
     resumed_step = 0
     if resume:
-        resumed_step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
+        resumed_step = checkpoint_step(resume)
         print(f"[dpo] resuming from {resume} (step {resumed_step})")
-    with trl_errors():
+    with setup_errors("DPO", "dpo"):
         trainer = make_trainer(cfg, model, ref_model, tokenizer, dataset, args)
     t1 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
@@ -323,7 +183,8 @@ def run(ctx: StageContext) -> StageResult:
     save_policy(trainer, tokenizer, out_dir / "policy", cfg, use_cache, largest_before, model_dir)
 
     steps = trainer.state.global_step
-    stats = log_stats(trainer.state.log_history)
+    stats = log_stats(trainer.state.log_history, reward_accuracy_mean="rewards/accuracies",
+                      reward_margin_mean="rewards/margins")
     if stats["train_loss"] is None:  # nothing logged: the mean over this invocation's steps
         stats["train_loss"] = round(result.training_loss, 4)
     counts = {
@@ -339,7 +200,7 @@ def run(ctx: StageContext) -> StageResult:
           f"responses cut), {steps} steps, loss {counts['first_loss']} -> {counts['last_loss']}, "
           f"{counts['s_per_step']} s/step")
     extra = {"policy": label, "policy_dir": str(model_dir), "reference": str(cfg.dpo.reference),
-             "reference_model": reference_label(cfg, label), "reference_dir": str(ref_dir or model_dir),
+             "reference_model": ctx.plan.config["reference_used"], "reference_dir": str(ref_dir or model_dir),
              "reference_dtype": str(ref_model.dtype).removeprefix("torch.") if ref_model is not None else None,
              "lora": cfg.dpo.lora, "device": device}
     return StageResult(counts, {"policy": out_dir / "policy"}, extra)

@@ -276,10 +276,6 @@ def check(cfg: DictConfig) -> None:
         raise TsalignError(f"rank needs at least 2 candidates per prompt to make a pair, and {path} has K={k}: rerun "
                            f"`tsalign stage=generate iteration={cfg.iteration} generate.num_candidates=4 redo=true`")
     check_student(cfg, student_source(cfg, cfg.iteration)[0], "student.max_length", cfg.student.max_length)
-    if cfg.rank.max_calls is not None and cfg.rank.max_calls < 0:
-        raise TsalignError(f"rank.max_calls={cfg.rank.max_calls} must be >= 0 (null: no teacher budget)")
-    if not 0.0 <= cfg.rank.uncertain_fraction <= 1.0:
-        raise TsalignError(f"rank.uncertain_fraction={cfg.rank.uncertain_fraction} must be between 0 and 1")
     if cfg.rank.selection != Selection.student_only:
         check_teacher(cfg)
 

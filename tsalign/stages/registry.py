@@ -28,7 +28,7 @@ class StageSpec:
     name: str
     module: str  # where `STAGE = Stage(...)` lives
     outputs: tuple[str, ...]  # what run() writes in the stage folder (manifest["outputs"]); the first is written last
-    work: tuple[str, ...] = ()  # resume state in <stage>/_work/ (a persisted format: see README "Architecture")
+    work: tuple[str, ...] = ()  # resume state in <stage>/_work/ (a persisted format: tsalign/artifacts/FORMAT.md)
     in_loop: bool = True  # part of stage=loop's pipeline, in the order listed here
     multi_process: bool = False  # may run under `accelerate launch` (one process per device)
     trains: bool = False  # trains one model copy per process: a plain run on several GPUs keeps one of them
@@ -67,7 +67,7 @@ STAGES = (
                        Column("lc_win_rate", ("lc_win_rate",)), Column("control", ("control_win_rate",)),
                        Column("control_passed", ("control_passed",)),
                        Column("agreement_distilled", ("student_agreement",)))),
-    StageSpec("pdistill", "tsalign.stages.pdistill", ("policy",), work=("<phase>/checkpoint-*",), in_loop=False,
+    StageSpec("pdistill", "tsalign.stages.pdistill", ("policy",), in_loop=False,
               trains=True, status_counts=("pairs", "steps", "teacher_calls"),
               summary=(Column("pdistill_loss", ("first_loss", "last_loss"), "change"),
                        Column("pdistill_teacher_calls", ("teacher_calls",)))),

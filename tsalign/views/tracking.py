@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tsalign.config.choices import LoggerBackend
+from tsalign.config.choices import LoggerBackend, WandbMode
 from tsalign.errors import TsalignError
 
-WANDB_MODES = ("offline", "online", "disabled", "shared")
+LEGACY_ENV_MODES = ("dryrun", "run")  # wandb still reads these from WANDB_MODE: dryrun = offline, run = online
 
 
 class Tracker:
@@ -76,16 +76,13 @@ class WandbTracker(Tracker):
 
 
 def wandb_mode(mode: str | None) -> str:
-    """logger.mode, else WANDB_MODE, else offline; a value wandb would reject is a one-line error here.
-    (wandb reads WANDB_MODE itself even when a mode is passed, so a bad one fails even then.)"""
+    """logger.mode, else WANDB_MODE, else offline. logger.mode is a WandbMode (Hydra refuses any other value at
+    compose time); WANDB_MODE is checked here, as wandb reads it itself even when a mode is passed."""
     env = os.environ.get("WANDB_MODE")
-    if env is not None and env not in WANDB_MODES + ("dryrun", "run"):
-        raise TsalignError(f"the environment variable WANDB_MODE={env!r} is not a wandb mode ({', '.join(WANDB_MODES)}); "
+    if env is not None and env not in (*WandbMode, *LEGACY_ENV_MODES):
+        raise TsalignError(f"the environment variable WANDB_MODE={env!r} is not a wandb mode ({', '.join(WandbMode)}); "
                            "unset it (`unset WANDB_MODE`: logger=wandb then runs offline) or set it to one of those")
-    mode = mode or env or "offline"
-    if mode not in WANDB_MODES + ("dryrun", "run"):
-        raise TsalignError(f"logger.mode={mode} is not a wandb mode; use one of: {', '.join(WANDB_MODES)}")
-    return mode
+    return str(mode or env or "offline")  # a plain str for wandb.init, not the enum member
 
 
 def wandb_failure(error: Exception, mode: str) -> str:
@@ -93,11 +90,13 @@ def wandb_failure(error: Exception, mode: str) -> str:
     if mode == "online" and "api key" in first.lower():
         return (f"logger=wandb logger.mode=online needs a W&B API key ({first}); run `wandb login` or set "
                 "WANDB_API_KEY, or log offline (logger.mode=offline) and `wandb sync` later")
-    return f"wandb could not start a run in mode {mode} ({first}); check logger.* and WANDB_* settings, or use logger=none"
+    return (f"wandb could not start a run in mode {mode} ({first}); check logger.* and WANDB_* settings, "
+            "or use logger=none")
 
 
 def check_tracker(backend: str, mode: str | None) -> None:
-    """What can be checked before a stage starts: the wandb mode (the API key only wandb.init knows)."""
+    """What only the environment can refuse, before a stage starts: WANDB_MODE (logger.* values are checked at
+    compose time; the API key only wandb.init knows; wandb itself is a dependency, always installed)."""
     if LoggerBackend(backend) is LoggerBackend.wandb:
         wandb_mode(mode)
 
