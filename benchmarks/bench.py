@@ -43,8 +43,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -594,7 +594,7 @@ def agreement_table(runs: dict[str, dict]) -> dict:
         m = run["metrics"]
         mine = {p["prompt_id"]: p for p in run["pairs"]}
         common = sorted(set(mine) & set(ref_pairs))
-        same = lambda key: sum(mine[k][key] == ref_pairs[k][key] for k in common)  # noqa: E731
+        same = lambda key, mine=mine, common=common: sum(mine[k][key] == ref_pairs[k][key] for k in common)  # noqa: E731
         marks, shares = [], []
         for p in run["pairs"]:
             sc = ref_scores.get(p["prompt_id"]) or {}

@@ -52,7 +52,7 @@ class StubTeacher:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def __enter__(self) -> "StubTeacher":
+    def __enter__(self) -> StubTeacher:
         stub = self
 
         class Handler(BaseHTTPRequestHandler):

@@ -195,7 +195,7 @@ def test_fetch_fills_the_cache_once(tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
     assert data.main(["fetch", "--cache", str(cache)]) == 0
     assert len(calls) == 2  # one sdist each: alpaca-eval, llamafactory (its four files from one download)
-    for name, (_, _, member) in data.SDISTS.items():
+    for name in data.SDISTS:
         assert json.loads((cache / "data" / f"{name}.json").read_text())[0]["instruction"] == f"{name} fixture"
     out = capsys.readouterr().out
     assert all(name in out for name in data.SDISTS) and "TSALIGN_CACHE" in out

@@ -89,3 +89,21 @@ def test_terminal_gets_a_bar_and_the_environment_overrides(monkeypatch):
     monkeypatch.setenv("TSALIGN_PROGRESS", "lines")
     with progress(3, "x", stream=FakeTTY()) as bar:
         assert isinstance(bar, LineProgress)
+
+
+def test_lines_come_from_the_main_process_only(monkeypatch, capsys):
+    """Under `accelerate launch` every process runs the stage: its lines and bars show once, not once per GPU."""
+    import io
+
+    from tsalign.progress import mode, say
+
+    monkeypatch.delenv("TSALIGN_PROGRESS", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    say("[dpo] step 1/4")
+    say("[tsalign] waiting for another process", every_process=True)
+    assert capsys.readouterr().out == "[tsalign] waiting for another process\n"
+    assert mode(io.StringIO()) == "off"
+    monkeypatch.setenv("RANK", "0")
+    say("[dpo] step 1/4")
+    assert capsys.readouterr().out == "[dpo] step 1/4\n" and mode(io.StringIO()) == "lines"

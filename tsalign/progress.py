@@ -1,4 +1,6 @@
-"""Progress of a long step: a tqdm bar on a terminal, plain rate-limited lines everywhere else.
+"""What a stage tells the user: its lines (`say`) and the progress of a long step (a tqdm bar on a terminal,
+plain rate-limited lines everywhere else). Under `accelerate launch` every process runs the same stage: only
+the main process speaks, so a line shows once, not once per GPU.
 
     with progress(len(prompts), "generate", "prompt") as bar:
         for chunk in chunks:
@@ -21,12 +23,22 @@ import contextlib
 import os
 import sys
 import time
-from typing import Callable, Iterator, TextIO
+from collections.abc import Callable, Iterator
+from typing import TextIO
 
 from tqdm.auto import tqdm
 
 LINE_EVERY_S = 10.0  # at most one plain line per this many seconds ...
 LINE_EVERY_FRACTION = 0.1  # ... besides one each time another tenth of the total is done
+
+
+def say(message: str, every_process: bool = False) -> None:
+    """A stage's line on stdout, flushed; from the main process only unless `every_process` (a wait, a warning
+    that is one process's own)."""
+    from tsalign.distributed import is_main
+
+    if every_process or is_main():
+        print(message, flush=True)
 
 
 def _postfix(values: dict) -> str:
@@ -111,10 +123,15 @@ class NoProgress:
 
 
 def mode(stream: TextIO) -> str:
-    """bars on a terminal, lines otherwise; TSALIGN_PROGRESS=bars|lines|off decides when set."""
+    """bars on a terminal, lines otherwise, nothing on the other processes of `accelerate launch`;
+    TSALIGN_PROGRESS=bars|lines|off decides when set."""
+    from tsalign.distributed import is_main
+
     chosen = os.environ.get("TSALIGN_PROGRESS", "").strip().lower()
     if chosen in ("bars", "lines", "off"):
         return chosen
+    if not is_main():
+        return "off"
     return "bars" if hasattr(stream, "isatty") and stream.isatty() else "lines"
 
 

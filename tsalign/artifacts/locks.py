@@ -10,8 +10,9 @@ second job waits, then finds the entry built and uses it. A lock dies with its p
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 from filelock import FileLock, Timeout
 

@@ -22,10 +22,11 @@ import platform
 import shutil
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from tsalign.artifacts.format import hashed_config
 from tsalign.errors import TsalignError

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -64,11 +64,11 @@ def not_positive(at: str, section: object, keys: tuple[str, ...]) -> list[str]:
 class FitSpec:
     """How to fit a reward model on human preference pairs before first use (cached by content)."""
 
-    data: Optional[str] = None  # human pairs: llamafactory_dpo | a local JSON/JSONL file; null = no fit
+    data: str | None = None  # human pairs: llamafactory_dpo | a local JSON/JSONL file; null = no fit
     holdout: int = 30  # pairs held out to report accuracy (the same ones for every fit with this data and seed)
     # which share of the other pairs (in their seeded order) this fit trains on: the teacher and the
     # student take disjoint ranges of the same human pairs, so the student does not start as the teacher
-    train_range: List[float] = field(default_factory=lambda: [0.0, 1.0])
+    train_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     epochs: int = 2
     batch_size: int = 8
     learning_rate: float = 5e-5
@@ -90,9 +90,9 @@ class VLLMOptions:
     enabled: bool = False
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
-    max_model_len: Optional[int] = None  # null = the judge's max_length + 8
-    enforce_eager: Optional[bool] = None  # null = eager on CPU, CUDA graphs on GPU
-    kv_cache_gib: Optional[float] = None  # null = 2 GiB on CPU (or VLLM_CPU_KVCACHE_SPACE), vLLM's share on GPU
+    max_model_len: int | None = None  # null = the judge's max_length + 8
+    enforce_eager: bool | None = None  # null = eager on CPU, CUDA graphs on GPU
+    kv_cache_gib: float | None = None  # null = 2 GiB on CPU (or VLLM_CPU_KVCACHE_SPACE), vLLM's share on GPU
 
 
 @dataclass
@@ -100,22 +100,22 @@ class ServedOptions:
     """A teacher behind an HTTP server instead of in this process (tsalign/engines/scoring/served): set base_url.
     The teacher's identity (verdict ledger, manifests) is api + base_url + model + what shapes the answer."""
 
-    base_url: Optional[str] = None  # e.g. http://127.0.0.1:8000 (openrlhf: the full URL); null = local model
+    base_url: str | None = None  # e.g. http://127.0.0.1:8000 (openrlhf: the full URL); null = local model
     api: ServedApi = ServedApi.chat  # chat (judge) | classify | score | openrlhf (reward models)
-    model: Optional[str] = None  # the served model name (vLLM's --served-model-name); null = the server's default
-    api_key_env: Optional[str] = None  # the NAME of the env var holding the key (the key is never written anywhere)
+    model: str | None = None  # the served model name (vLLM's --served-model-name); null = the server's default
+    api_key_env: str | None = None  # the NAME of the env var holding the key (the key is never written anywhere)
     temperature: float = 0.0
     max_tokens: int = 1  # judge: 1 = the choice token's log-probabilities decide; more = a parsed answer
     top_logprobs: int = 20  # judge: alternatives returned per token (the choices must be among them)
-    choice_token_ids: Optional[List[int]] = None  # vLLM judge: ids of judge_choices, sent as logprob_token_ids
+    choice_token_ids: list[int] | None = None  # vLLM judge: ids of judge_choices, sent as logprob_token_ids
     # classify / openrlhf: the text of one (prompt, response); null (classify) = chat messages, server's template
-    input_template: Optional[str] = "{prompt}\n\n{response}"
+    input_template: str | None = "{prompt}\n\n{response}"
     concurrency: int = 8  # requests in flight
     timeout_s: float = 120.0  # per request
     retries: int = 5  # on 429 / 5xx / connection errors, with exponential backoff; then an error
     backoff_s: float = 1.0  # first wait; doubled per retry (a 429's Retry-After is honoured)
-    price_in_per_1k: Optional[float] = None  # cost per 1k prompt tokens (reported when set)
-    price_out_per_1k: Optional[float] = None  # cost per 1k completion tokens
+    price_in_per_1k: float | None = None  # cost per 1k prompt tokens (reported when set)
+    price_out_per_1k: float | None = None  # cost per 1k completion tokens
 
 
 @dataclass
@@ -125,18 +125,18 @@ class ModelSpec:
     name: str = MISSING  # short label for logs and manifests
     # HF folder, hub id (read from the local HF cache only), or pkg://<python package>/<file.gguf | folder>;
     # null for a served teacher (served.base_url)
-    path: Optional[str] = MISSING
+    path: str | None = MISSING
     kind: ModelKind = ModelKind.causal_lm  # per role: tsalign.config.choices.ROLE_KINDS
     # Config overrides that turn `path` into a small randomly initialised model with the real tokenizer.
-    tiny: Optional[Dict[str, Any]] = None
+    tiny: dict[str, Any] | None = None
     seed: int = 0  # init seed of a tiny model or of a new reward head
     dtype: Dtype = Dtype.float32
     trust_remote_code: bool = False
     # reward models only: fit on human pairs first when fit.data is set (the CPU teacher); a typed node, never
     # null, so `teacher.fit.data=...` works on the command line
     fit: FitSpec = field(default_factory=FitSpec)
-    judge_prompt: Optional[str] = None  # judges only: template with {prompt}, {response_a}, {response_b}
-    judge_choices: List[str] = field(default_factory=lambda: ["A", "B"])
+    judge_prompt: str | None = None  # judges only: template with {prompt}, {response_a}, {response_b}
+    judge_choices: list[str] = field(default_factory=lambda: ["A", "B"])
     vllm: VLLMOptions = field(default_factory=VLLMOptions)  # judges only: teacher.vllm.enabled=true
     served: ServedOptions = field(default_factory=ServedOptions)  # teachers only: asked over HTTP
     max_length: int = 512  # tokens a scorer reads (prompt truncated from the left, response kept)
@@ -156,12 +156,12 @@ class SamplerConfig:
     max_prompt_tokens: int = 512  # longer prompts are cut from the left (recorded per candidate)
     batch_size: int = 16  # hf: sequences per generate() call
     # vllm only
-    dtype: Optional[Dtype] = None  # the engine's dtype; null = policy.dtype (vLLM-CPU is fastest in bfloat16)
+    dtype: Dtype | None = None  # the engine's dtype; null = policy.dtype (vLLM-CPU is fastest in bfloat16)
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85  # GPU: share of its memory for weights + KV cache
-    max_model_len: Optional[int] = None  # null = the model's own context length
-    enforce_eager: Optional[bool] = None  # null = eager on CPU, CUDA graphs on GPU
-    kv_cache_gib: Optional[float] = None  # null = 2 GiB on CPU (or VLLM_CPU_KVCACHE_SPACE), vLLM's share on GPU
+    max_model_len: int | None = None  # null = the model's own context length
+    enforce_eager: bool | None = None  # null = eager on CPU, CUDA graphs on GPU
+    kv_cache_gib: float | None = None  # null = 2 GiB on CPU (or VLLM_CPU_KVCACHE_SPACE), vLLM's share on GPU
 
     def problems(self) -> list[str]:
         return too_small("sampler.", self, 1, ("max_new_tokens", "batch_size", "max_prompt_tokens"))
@@ -170,21 +170,21 @@ class SamplerConfig:
 @dataclass
 class DataConfig:
     source: DataSource = DataSource.alpaca_eval
-    path: Optional[str] = None  # source=file: JSON / JSONL / Parquet file or a `datasets` folder; source=hf: dataset
+    path: str | None = None  # source=file: JSON / JSONL / Parquet file or a `datasets` folder; source=hf: dataset
     prompt_field: str = "instruction"  # source=file|hf: a text field (column), or a list of chat messages
     # source=hf only: datasets.load_dataset(path, name, split=split, data_files=data_files, streaming=streaming)
-    name: Optional[str] = None  # the dataset's configuration
+    name: str | None = None  # the dataset's configuration
     split: str = "train"
-    data_files: Optional[str] = None  # with path=json|parquet|csv: a file or glob
+    data_files: str | None = None  # with path=json|parquet|csv: a file or glob
     streaming: bool = False  # iterate rows instead of preparing the whole set (large sets; with max_rows)
-    max_rows: Optional[int] = None  # read at most this many rows (the first ones)
-    input_field: Optional[str] = "input"  # appended to the instruction when present (Alpaca style)
+    max_rows: int | None = None  # read at most this many rows (the first ones)
+    input_field: str | None = "input"  # appended to the instruction when present (Alpaca style)
     # a reference answer per prompt (generate.references); the embedded pools have one
-    reference_field: Optional[str] = "output"
-    system_prompt: Optional[str] = None
+    reference_field: str | None = "output"
+    system_prompt: str | None = None
     eval_prompts: int = 32  # held-out shard, never trained on
     prompts_per_iteration: int = 32
-    max_prompts: Optional[int] = None  # cap on this iteration's shard (quick runs)
+    max_prompts: int | None = None  # cap on this iteration's shard (quick runs)
     schedule: Schedule = Schedule.fresh
     split_seed: int = 0
 
@@ -213,7 +213,7 @@ class GenerateConfig:
     num_candidates: int = 4  # K
     # TSO's model matrix (tsalign/stages/matrix.py): more policies answering each prompt (initial = pi_0, a conf/policy
     # option, or a checkpoint path), matrix_candidates answers each; references adds the data's reference answer
-    matrix: List[str] = field(default_factory=list)
+    matrix: list[str] = field(default_factory=list)
     matrix_candidates: int = 2
     references: bool = False
 
@@ -228,10 +228,10 @@ class RankConfig:
     tie_threshold: float = 0.0  # teacher score gaps at or below this make no pair
     cut_answers: CutAnswers = CutAnswers.rejected_only  # answers cut at max_new_tokens are never chosen
     # Rank another experiment's candidates (its name under paths.outputs, or its dir): baselines on the same K
-    candidates_from: Optional[str] = None
+    candidates_from: str | None = None
     # teacher budget in calls (judge: comparisons, both orders; reward model: responses scored); prompts past
     # it make no pair (counted). null = no budget
-    max_calls: Optional[int] = None
+    max_calls: int | None = None
     budget_scope: BudgetScope = BudgetScope.iteration  # experiment: earlier iterations' teacher calls count too
     uncertain_fraction: float = 0.5  # selection=uncertain: share of prompts (smallest student margins) to the teacher
     confident_pairs: bool = True  # selection=uncertain: the other prompts make the student's own pair
@@ -260,7 +260,7 @@ class DistillConfig:
     # a second, larger human check of the student: responses a human labelled good or bad (KTO data; neither
     # the teacher's nor student_0's fit saw them, and length does not separate them): AUC before and after,
     # with a paired bootstrap interval on the change. null = off
-    human_labels: Optional[str] = "llamafactory_kto"
+    human_labels: str | None = "llamafactory_kto"
     holdout_fraction: float = 0.2
     use_margin: bool = False
     epochs: int = 3
@@ -277,11 +277,11 @@ class DistillConfig:
 class DpoConfig:
     beta: float = 0.1
     loss_type: str = "sigmoid"  # any TRL loss_type, or dual_clip (TSO: the sigmoid loss's margin clipped)
-    dual_clip: List[float] = field(default_factory=lambda: [-2.0, 2.0])  # [low, high] of beta * margin
+    dual_clip: list[float] = field(default_factory=lambda: [-2.0, 2.0])  # [low, high] of beta * margin
     reference: Reference = Reference.previous
     # TSO's reference refresh: every N optimizer steps the reference becomes the current policy (TRL's
     # sync_ref_model with mixup alpha 1); its log-probabilities are then recomputed. null = never
-    reference_refresh_steps: Optional[int] = None
+    reference_refresh_steps: int | None = None
     epochs: float = 1.0
     max_steps: int = -1
     batch_size: int = 2
@@ -290,7 +290,7 @@ class DpoConfig:
     lora: bool = False
     lora_r: int = 8
     lora_alpha: int = 16
-    lora_target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     save_steps: int = 10  # step checkpoints so an interrupted DPO resumes
     logging_steps: int = 1
 
@@ -316,10 +316,10 @@ class PdistillConfig:
     teacher_policy: str = "pi_T"  # the aligned teacher (a causal LM sharing the student's tokenizer)
     teacher_reference: str = "pi_0"  # its reference (ADPA's advantage = log teacher - log reference)
     student: str = "pi_0"  # where the student starts
-    data: Optional[str] = None  # preference pairs: null = iter_<t>/rank/pairs.jsonl; llamafactory_dpo | a JSONL file
-    max_pairs: Optional[int] = None  # the first n pairs only (quick runs)
+    data: str | None = None  # preference pairs: null = iter_<t>/rank/pairs.jsonl; llamafactory_dpo | a JSONL file
+    max_pairs: int | None = None  # the first n pairs only (quick runs)
     top_k: int = 50  # teacher distributions are stored as top-k probabilities + one remainder bucket
-    cache_dir: Optional[str] = None  # teacher top-k caches; null = <paths.cache>/teacher_topk
+    cache_dir: str | None = None  # teacher top-k caches; null = <paths.cache>/teacher_topk
     teacher_batch_size: int = 4  # sequences per teacher forward pass
     ce_weight: float = 1.0  # the SFT term on the chosen answer
     kl_weight: float = 0.1  # DCKD: weight of each KL constraint (chosen, rejected)
@@ -344,7 +344,7 @@ class PdistillConfig:
 class EvaluateConfig:
     # Who judges pi_{t+1} vs pi_0: null = the training teacher (then the win rate measures fit to the
     # optimised reward); or a conf/teacher/ option, e.g. evaluate.judge=llama3_70b_judge
-    judge: Optional[str] = None
+    judge: str | None = None
     # which iteration-t policy is judged against pi_0: dpo (TS-Align, TSO) or pdistill (DCKD / ADPA's student)
     policy_from: PolicyFrom = PolicyFrom.dpo
     control: bool = True  # base-vs-base run: its win rate must sit near 50%
@@ -357,8 +357,8 @@ class EvaluateConfig:
 class LoggerConfig:
     backend: LoggerBackend = LoggerBackend.none
     project: str = "tsalign"
-    mode: Optional[WandbMode] = None  # null = offline unless WANDB_MODE says otherwise
-    entity: Optional[str] = None
+    mode: WandbMode | None = None  # null = offline unless WANDB_MODE says otherwise
+    entity: str | None = None
 
 
 @dataclass
@@ -370,7 +370,7 @@ class LaunchConfig:
     processes: int = 1
     # an accelerate config file: a name under conf/accelerate/ (ddp, deepspeed_zero2, deepspeed_zero3,
     # fsdp) or a path; null = plain DDP over `processes` (gloo on CPU, NCCL on GPUs)
-    accelerate_config: Optional[str] = None
+    accelerate_config: str | None = None
     # generate: prompt shards over this many processes (`accelerate launch --multi_gpu`), one sampler
     # engine each on its own device; with sampler=vllm each engine takes sampler.tensor_parallel_size GPUs
     generate_processes: int = 1
@@ -386,13 +386,13 @@ class PathsConfig:
 class TsalignConfig:
     stage: Stage = Stage.generate
     experiment_name: str = "default"
-    experiment_dir: Optional[str] = None  # resolved by the CLI: <paths.outputs>/<experiment_name>[/<sweep job>]
+    experiment_dir: str | None = None  # resolved by the CLI: <paths.outputs>/<experiment_name>[/<sweep job>]
     iteration: int = 0
     iterations: int = 1  # stage=loop
     seed: int = 42
     redo: bool = False  # replace this stage's artifacts even if the config changed
     device: Device = Device.auto
-    threads: Optional[int] = None  # torch CPU threads
+    threads: int | None = None  # torch CPU threads
     policy: ModelSpec = MISSING
     teacher: ModelSpec = MISSING
     student: ModelSpec = MISSING

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from tsalign import distributed
 from tsalign.artifacts.store import StageRun, read_manifest, stage_dir, stage_lock
 from tsalign.errors import TsalignError
+from tsalign.progress import say
 from tsalign.stages.checks import check_stage
 from tsalign.stages.contract import Plan, Stage, StageContext
 from tsalign.stages.lineage import experiment_dir
@@ -44,7 +45,7 @@ def run_stage(cfg: DictConfig, name: str) -> dict:
     main = distributed.is_main()
     with stage_lock(run.directory) if main else contextlib.nullcontext():
         if distributed.from_main(run.is_done):
-            print(f"[tsalign] iter_{cfg.iteration}/{name}: done already (manifest matches), skipped")
+            say(f"[tsalign] iter_{cfg.iteration}/{name}: done already (manifest matches), skipped")
             return read_manifest(run.directory)
         check_stage(cfg, stage)  # before anything is written or loaded: a bad path or length is one line
         tracker = start_tracker(cfg.logger.backend, cfg.logger.project, cfg.experiment_name, name, cfg.iteration,
@@ -67,7 +68,7 @@ def run_stage(cfg: DictConfig, name: str) -> dict:
     distributed.barrier()  # the manifest is written before any process reads it
     if not main:
         return read_manifest(run.directory)
-    print(f"[tsalign] iter_{cfg.iteration}/{name}: finished in {time.time() - t0:.1f}s -> {run.directory}")
+    say(f"[tsalign] iter_{cfg.iteration}/{name}: finished in {time.time() - t0:.1f}s -> {run.directory}")
     if name == "evaluate":  # the report reads finished stages: after the manifest is written
         from tsalign.views.report import report_after_run
 

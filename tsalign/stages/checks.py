@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from tsalign.config.choices import ModelKind
 from tsalign.engines.models import model_config
 from tsalign.errors import TsalignError
+from tsalign.progress import say
 from tsalign.stages.lineage import prompt_split
 from tsalign.stages.resource_plan import check_fits
 
@@ -118,7 +119,7 @@ def check_fit_ranges(cfg: DictConfig) -> None:
     same_pairs = teacher.data == student.data and (teacher.holdout, teacher.seed) == (student.holdout, student.seed)
     (s0, s1), (t0, t1) = student.train_range, teacher.train_range
     if same_pairs and s0 < t1 and t0 < s1:
-        print(f"[tsalign] note: student.fit.train_range={list(student.train_range)} overlaps "
+        say(f"[tsalign] note: student.fit.train_range={list(student.train_range)} overlaps "
               f"teacher.fit.train_range={list(teacher.train_range)}: student_0 learns pairs the teacher learned")
 
 

@@ -16,9 +16,10 @@ tracker), and writes the manifest from the StageResult last.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 

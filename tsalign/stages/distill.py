@@ -23,6 +23,7 @@ from tsalign.config.choices import DistillSource, Replay
 from tsalign.data import load_human_labels, load_human_pairs, split_pairs
 from tsalign.engines.models import pick_device
 from tsalign.errors import TsalignError
+from tsalign.progress import say
 from tsalign.stages.checks import check_student, check_teacher
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
 from tsalign.stages.factory import student_base_dir, teacher_model_dir
@@ -154,7 +155,7 @@ def run(ctx: StageContext) -> StageResult:
               "human_longer_wins": None if human_before is None else round(human_before["longer_wins"], 4),
               "human_pairs": len(human), **labels_counts(labels)}
     tracker.log({f"distill/{k}": v for k, v in counts.items() if v is not None})
-    print(f"[distill] {len(train)} pairs ({replayed} replayed, {len(anchor)} human anchor), "
+    say(f"[distill] {len(train)} pairs ({replayed} replayed, {len(anchor)} human anchor), "
           f"{train_stats['steps']} steps; held-out "
           f"{'teacher agreement' if d.source == DistillSource.teacher else 'human accuracy'} "
           f"{counts['agreement_before']} -> {counts['agreement_after']} on {len(held_out)} pairs"

@@ -30,6 +30,7 @@ from tsalign.config.choices import (
 )
 from tsalign.engines.models import load_causal_lm, load_tokenizer, pick_device
 from tsalign.errors import TsalignError
+from tsalign.progress import say
 from tsalign.stages.checks import base_model, check_lengths, model_at
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
 from tsalign.stages.lineage import base_model_dir, finished_output, policy_source
@@ -173,7 +174,7 @@ def run(ctx: StageContext) -> StageResult:
     resumed_step = 0
     if resume:
         resumed_step = checkpoint_step(resume)
-        print(f"[dpo] resuming from {resume} (step {resumed_step})")
+        say(f"[dpo] resuming from {resume} (step {resumed_step})")
     with setup_errors("DPO", "dpo"):
         trainer = make_trainer(cfg, model, ref_model, tokenizer, dataset, args)
     t1 = time.time()
@@ -196,7 +197,7 @@ def run(ctx: StageContext) -> StageResult:
         "s_per_step": round(train_s / max(steps - resumed_step, 1), 3),
     }
     tracker.log({f"dpo/{k}": v for k, v in counts.items() if v is not None})
-    print(f"[dpo] {counts['pairs']} pairs ({counts['prompts_cut']} prompts cut, {counts['responses_cut']} "
+    say(f"[dpo] {counts['pairs']} pairs ({counts['prompts_cut']} prompts cut, {counts['responses_cut']} "
           f"responses cut), {steps} steps, loss {counts['first_loss']} -> {counts['last_loss']}, "
           f"{counts['s_per_step']} s/step")
     extra = {"policy": label, "policy_dir": str(model_dir), "reference": str(cfg.dpo.reference),

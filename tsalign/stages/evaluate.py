@@ -41,7 +41,7 @@ from tsalign.artifacts.store import (
 from tsalign.engines.sampling.resumable import chunk_prompts, sample_rows
 from tsalign.engines.scoring.served import cost_line, cost_report, is_served
 from tsalign.errors import TsalignError
-from tsalign.progress import progress
+from tsalign.progress import progress, say
 from tsalign.stages.checks import base_model, check_judge, check_lengths, trained_model
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
 from tsalign.stages.factory import (
@@ -230,7 +230,7 @@ def run(ctx: StageContext) -> StageResult:
                                "control": len(ctrl_scores) - len(ctrl_judged[0]) if control else 0})
     if served:
         metrics["served"] = served
-        print(f"[evaluate] {cost_line(served)}")
+        say(f"[evaluate] {cost_line(served)}")
     if ctrl:
         checks = control_checks(ctrl["outcomes"], [len(a) for a in ctrl_judged[1]], [len(b) for b in ctrl_judged[2]],
                                 ctrl_picks.get("first_position_picks"), ctrl_picks.get("calls"), e.confidence, e.seed)
@@ -247,7 +247,7 @@ def run(ctx: StageContext) -> StageResult:
     tracker.table("evaluate/answers_sample", [
         {"prompt": p["messages"][-1]["content"], f"pi_{t + 1}": a, "pi_0": b, "judge_policy": m[0], "judge_base": m[1]}
         for p, a, b, m in list(zip(held_out, policy, base, main_scores))[:20]])
-    print(summary_line(metrics, t))
+    say(summary_line(metrics, t))
     counts = {k: metrics[k] for k in ("n", "win", "tie", "loss", "win_rate", "ci_low", "ci_high", "lc_win_rate",
                                       "lc_ci_low", "lc_ci_high", "student_agreement", "reward_delta", "policy_reward",
                                       "base_reward", "judge_is_teacher")}

@@ -33,6 +33,7 @@ from tsalign import distributed
 from tsalign.artifacts.store import PartialRows, atomic_write_jsonl
 from tsalign.engines.sampling.resumable import chunk_prompts, derived_seed, sample_rows, shard_prompts
 from tsalign.errors import TsalignError
+from tsalign.progress import say
 from tsalign.stages.checks import model_at
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
 from tsalign.stages.factory import open_sampler, sampling_params
@@ -180,7 +181,7 @@ def run(ctx: StageContext) -> StageResult:
     counts.update(processes=shards, model_load_s=load_s, sample_s=round(sample_s, 2), close_s=close_s,
                   tokens_per_s=round(counts["generated_tokens"] / sample_s, 1) if sample_s else None)
     ctx.tracker.log({f"generate/{k}": v for k, v in counts.items()})
-    print(f"[generate] {counts['prompts']} prompts x K={params.n}: {counts['candidates']} candidates, "
+    say(f"[generate] {counts['prompts']} prompts x K={params.n}: {counts['candidates']} candidates, "
           f"{counts['empty']} empty, {counts['cut_at_max_new_tokens']} cut at max_new_tokens, "
           f"{counts['tokens_per_s']} tok/s" + (f" over {shards} processes" if shards > 1 else "")
           + (f"; model matrix {[m[2] for m in matrix]}, {references} reference answers" if counts.get("matrix_candidates")
@@ -197,7 +198,7 @@ def check(cfg: DictConfig) -> None:
     model_at(cfg, "policy", policy_source(cfg, cfg.iteration)[0])
     training_prompts(cfg, cfg.iteration)
     if cfg.generate.num_candidates < 2:
-        print(f"[tsalign] note: generate.num_candidates={cfg.generate.num_candidates}: rank needs at least 2 "
+        say(f"[tsalign] note: generate.num_candidates={cfg.generate.num_candidates}: rank needs at least 2 "
               "candidates per prompt to make a pair")
 
 

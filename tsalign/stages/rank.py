@@ -44,6 +44,7 @@ from tsalign.config.choices import BudgetScope, CutAnswers, ModelKind, Selection
 from tsalign.engines.scoring.resumable import score_resumably
 from tsalign.engines.scoring.served import cost_line, cost_report, is_served
 from tsalign.errors import TsalignError
+from tsalign.progress import say
 from tsalign.stages.checks import check_student, check_teacher
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
 from tsalign.stages.factory import open_scorer, student_base_dir, teacher_model_dir
@@ -115,7 +116,7 @@ def teacher_plan(cfg: DictConfig, strategy: Selection, student_scores: list[list
                        "available": available, "planned": sum(costs[i] for i in plan.asked),
                        "prompts_over_budget": len(over)}
         if over:
-            print(f"[rank] teacher budget: rank.max_calls={r.max_calls} ({r.budget_scope}, {spent} spent before) "
+            say(f"[rank] teacher budget: rank.max_calls={r.max_calls} ({r.budget_scope}, {spent} spent before) "
                   f"pays for {len(plan.asked)} of {len(order)} prompts; the other {len(over)} make no pair")
     return plan
 
@@ -234,11 +235,11 @@ def run(ctx: StageContext) -> StageResult:
     }
     if is_served(cfg.teacher):
         metrics["served"] = cost_report(teacher_stats, cfg.teacher.served)
-        print(f"[rank] {cost_line(metrics['served'])}")
+        say(f"[rank] {cost_line(metrics['served'])}")
     if "first_position_rate" in teacher_stats:
         rate = metrics["judge_first_position_rate"] = teacher_stats["first_position_rate"]
         if rate is not None and abs(rate - 0.5) > 0.4:
-            print(f"[rank] warning: the judge picked the first slot in {rate:.0%} of single-order verdicts: it "
+            say(f"[rank] warning: the judge picked the first slot in {rate:.0%} of single-order verdicts: it "
                   "answers by position, so its pairs carry little signal (both orders are averaged)")
     outputs = {"scores": atomic_write_jsonl(out_dir / "scores.jsonl", score_rows),
                "pairs": atomic_write_jsonl(out_dir / "pairs.jsonl", pairs),
@@ -250,9 +251,9 @@ def run(ctx: StageContext) -> StageResult:
          "student_chosen": student_scores[i][p["chosen_index"]], "student_rejected": student_scores[i][p["rejected_index"]]}
         for i, p in [(ids.index(p["prompt_id"]), p) for p in pairs[:SAMPLE_ROWS]]])
     if cfg.rank.correction != "none":
-        print(f"[rank] preference correction ({cfg.rank.correction}): verdicts on labelled pairs {corrections}")
+        say(f"[rank] preference correction ({cfg.rank.correction}): verdicts on labelled pairs {corrections}")
     agree = metrics["student_teacher_agreement"]
-    print(f"[rank] {len(pairs)} pairs from {len(rows)} prompts ({no_pair}), teacher calls {teacher_stats['calls']}"
+    say(f"[rank] {len(pairs)} pairs from {len(rows)} prompts ({no_pair}), teacher calls {teacher_stats['calls']}"
           f" (student {student_stats['calls']}), agreement {'n/a' if agree is None else f'{agree:.2f}'}")
     counts = {k: metrics[k] for k in ("prompts", "candidates", "pairs", "student_calls", "teacher_calls",
                                       "student_teacher_agreement", "student_s", "teacher_s")}

@@ -17,9 +17,9 @@ import functools
 import json
 import os
 import subprocess
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 

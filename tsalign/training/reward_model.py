@@ -22,7 +22,7 @@ from tsalign.artifacts.locks import cache_lock
 from tsalign.artifacts.store import atomic_dir, atomic_write_json, config_hash, fingerprint
 from tsalign.engines.models import load_reward_model, load_tokenizer
 from tsalign.engines.scoring.reward_model import RewardModelScorer, collate, encode_pair_text
-from tsalign.progress import progress
+from tsalign.progress import progress, say
 from tsalign.training.divergence import check_weights, diverged, divergence, largest_weight
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def fitted_reward_model(base_dir: Path, fit: dict, cache_dir: Path, name: str, d
             return out
         train, held_out = fit_pairs(fit, cache_dir)
         log.info("fitting %s on %d human pairs (once; cached in %s)", name, len(train), out)
-        print(f"[tsalign] fitting reward model '{name}' on {len(train)} human pairs (once, cached in {out})")
+        say(f"[tsalign] fitting reward model '{name}' on {len(train)} human pairs (once, cached in {out})")
         report = {"recipe": fit, "base": str(base_dir)}
         report["before"] = pair_accuracy(base_dir, held_out, fit["max_length"], device, head_seed)
         report["train"] = train_reward_model(base_dir, out, train, epochs=fit["epochs"], batch_size=fit["batch_size"],
@@ -165,7 +165,7 @@ def fitted_reward_model(base_dir: Path, fit: dict, cache_dir: Path, name: str, d
                                              what=f"the fit of {role} '{name}'")
         report["held_out"] = pair_accuracy(out, held_out, fit["max_length"], device)
         atomic_write_json(out / "fit_report.json", report)  # last: marks the fit complete
-        print(f"[tsalign] {name}: held-out accuracy {report['before']['accuracy']:.2f} -> "
+        say(f"[tsalign] {name}: held-out accuracy {report['before']['accuracy']:.2f} -> "
               f"{report['held_out']['accuracy']:.2f} on {len(held_out)} human pairs "
               f"(longer-answer-wins: {report['held_out']['longer_wins']:.2f})")
     return out

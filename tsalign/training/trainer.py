@@ -14,13 +14,14 @@ import contextlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from omegaconf import DictConfig
 
 from tsalign.artifacts.store import atomic_write_text
 from tsalign.errors import TsalignError
+from tsalign.progress import say
 from tsalign.training.divergence import diverged, divergence
 
 LEARNING_RATE_KEY = "optimizer.learning_rate"  # the key a divergence error tells the user to lower
@@ -93,7 +94,7 @@ def step_callback(what: str, line: Callable[[str, dict], str], learning_rate: fl
                                learning_rate)
             if logs and "loss" in logs:
                 head = f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}"
-                print(f"{line(head, logs)}{self.time_left(state)}", flush=True)
+                say(f"{line(head, logs)}{self.time_left(state)}")
 
     return StepCallback()
 

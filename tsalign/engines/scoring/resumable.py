@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from tsalign.artifacts.store import PartialRows
 from tsalign.engines.scoring.base import Scorer

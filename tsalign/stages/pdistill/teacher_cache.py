@@ -24,14 +24,14 @@ from __future__ import annotations
 import gc
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from tsalign.artifacts.locks import build_once
 from tsalign.artifacts.store import atomic_dir, atomic_write_json, config_hash, read_manifest
 from tsalign.errors import TsalignError
-from tsalign.progress import progress
+from tsalign.progress import progress, say
 
 TENSORS = "teacher.safetensors"
 SEQUENCES = "sequences.json"
@@ -226,6 +226,6 @@ def cached(root: Path, identity: dict, build: Callable[[], tuple[list[Sequence],
     sequences = [Sequence(ids, start) for ids, start in stored["sequences"]]
     if int(tensors["offsets"][-1]) != sum(s.response_tokens for s in sequences):
         raise TsalignError(f"the {what} cache {folder} does not match its sequences; delete that folder and rerun")
-    print(f"[pdistill] {what} cache {'built' if built else 'reused'}: {folder} ({len(sequences)} sequences, "
-          f"{int(tensors['offsets'][-1])} response tokens)", flush=True)
+    say(f"[pdistill] {what} cache {'built' if built else 'reused'}: {folder} ({len(sequences)} sequences, "
+          f"{int(tensors['offsets'][-1])} response tokens)")
     return TeacherCache(folder, sequences, tensors, reused=not built, extra=stored.get("extra") or {})

@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from tsalign.errors import TsalignError
+from tsalign.progress import say
 from tsalign.stages.contract import StageContext
 from tsalign.stages.pdistill.data import Example, Setup
 from tsalign.stages.pdistill.sources import phases
@@ -153,7 +154,7 @@ def train(ctx: StageContext, s: Setup, examples: dict[str, list[Example]]) -> tu
                        **{f"{phase}_{k}_before": v for k, v in before.items()},
                        **{f"{phase}_{k}_after": v for k, v in after.items()}})
         shown = ", ".join(f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in before)
-        print(f"[pdistill] {phase}: {len(rows)} examples, {trainer.state.global_step} steps; {shown}", flush=True)
+        say(f"[pdistill] {phase}: {len(rows)} examples, {trainer.state.global_step} steps; {shown}")
     model.config.use_cache = use_cache
     check_weights(model, "pdistill", "optimizer.learning_rate", cfg.optimizer.learning_rate, largest_before)
     return model, counts

@@ -66,7 +66,7 @@ class VerdictLedger:
         self.rows = read_rows(self.path)
 
     @classmethod
-    def open(cls, cache_dir: str | Path, identity: dict) -> "VerdictLedger":
+    def open(cls, cache_dir: str | Path, identity: dict) -> VerdictLedger:
         name = config_hash(identity)[:16]
         folder = Path(cache_dir).expanduser() / "served"
         folder.mkdir(parents=True, exist_ok=True)
