@@ -20,7 +20,16 @@ import sys
 from pathlib import Path
 
 from tsalign.artifacts.store import atomic_write_text, read_jsonl, read_manifest, stage_dir
-from tsalign.views.summary import counts, figure, iteration_record, iterations, read_json, summary_table, wall_times
+from tsalign.views.summary import (
+    counts,
+    figure,
+    fmt,
+    iteration_record,
+    iterations,
+    read_json,
+    summary_table,
+    wall_times,
+)
 
 SAMPLE_PAIRS = 5  # per iteration: the first ones by prompt_id (deterministic, comparable across runs)
 MAX_CHARS = 600  # longer texts are cut, with a marker saying how much was left out
@@ -71,11 +80,8 @@ def cut(text: str, limit: int = MAX_CHARS) -> str:
 
 
 def num(v, digits: int = 3) -> str:
-    if v is None:
-        return "&ndash;"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return esc(v)
+    """A figure as the loop's summary writes it (tsalign.views.summary.fmt), escaped; a dash where missing."""
+    return "&ndash;" if v is None else esc(fmt(v, digits))
 
 
 def score(v) -> str:
