@@ -4,11 +4,14 @@ reward model (/reward), and misbehaves on demand. It counts every request on the
 
     with StubTeacher() as stub:
         stub.faults += ["429", "500"]        # the next two requests fail, then it answers again
+        stub.always = "html"                 # every request after the listed faults (a web page, HTTP 200)
         ... stub.url, stub.requests, stub.max_in_flight
 
 The judge prefers the longer response: P(A) = sigmoid((len(A) - len(B)) / 10), given as the
 log-probabilities of " A" and " B" among top_logprobs (mode "logprobs"), as the answer text only
 (mode "text") or by token id (when the request sends logprob_token_ids). Reward = len(response) / 100.
+Faults: "html" answers HTTP 200 with a web page (a base_url pointing at a proxy's front page);
+"few_rewards" gives a reward model's answer one reward short.
 Bounded: it answers at most `max_requests` requests (503 after, counted in `overflow`) and shuts
 itself down after `max_seconds`.
 """
@@ -24,7 +27,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # the template the stub can read (tests use it as teacher.judge_prompt)
 TEMPLATE = "Request: {prompt}\n<A>{response_a}</A>\n<B>{response_b}</B>\nBetter (A or B):"
-FAULTS = ("ok", "429", "500", "slow", "drop", "garbage", "no_choice", "401")
+FAULTS = ("ok", "429", "500", "slow", "drop", "garbage", "no_choice", "401", "html", "few_rewards")
+HTML = b"<!DOCTYPE html><html><head><title>Welcome to nginx!</title></head><body>It works</body></html>"
 
 
 def judge_p_a(content: str) -> float:
@@ -43,6 +47,7 @@ class StubTeacher:
         self.requests: list[tuple[str, dict, dict]] = []  # (path, body, headers)
         self.answered: list[dict] = []  # bodies whose answer was sent in full
         self.faults: list[str] = []  # consumed one per request, in order
+        self.always = "ok"  # the fault of every request once `faults` is used up
         self.overflow = 0
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
@@ -91,7 +96,7 @@ class StubTeacher:
                 self.overflow += 1
                 fault = "503"
             else:
-                fault = self.faults.pop(0) if self.faults else "ok"
+                fault = self.faults.pop(0) if self.faults else self.always
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -105,7 +110,11 @@ class StubTeacher:
                                  {"Retry-After": "0"} if fault == "429" else None)
             if fault == "garbage":
                 return self.send(h, 200, b"{not json at all")
+            if fault == "html":
+                return self.send(h, 200, HTML, content_type="text/html; charset=utf-8")
             answer = self.answer(h.path, body, fault == "no_choice")
+            if answer is not None and fault == "few_rewards":
+                answer = few_rewards(answer)
             if answer is None:
                 return self.send(h, 404, {"error": {"message": f"no route {h.path}"}})
             self.send(h, 200, answer)
@@ -115,10 +124,11 @@ class StubTeacher:
             with self.lock:
                 self.in_flight -= 1
 
-    def send(self, h, status: int, payload, headers: dict | None = None) -> None:
+    def send(self, h, status: int, payload, headers: dict | None = None,
+             content_type: str = "application/json") -> None:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         h.send_response(status)
-        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Type", content_type)
         h.send_header("Content-Length", str(len(data)))
         for k, v in (headers or {}).items():
             h.send_header(k, v)
@@ -154,3 +164,10 @@ class StubTeacher:
         if path == "/reward":
             return {"rewards": [len(t) / 100 for t in body["query"]]}
         return None
+
+
+def few_rewards(answer: dict) -> dict:
+    """A reward model's answer one reward short (a server that drops a text of the batch)."""
+    if "rewards" in answer:
+        return {**answer, "rewards": answer["rewards"][:-1]}
+    return {**answer, "data": answer["data"][:-1]} if "data" in answer else answer

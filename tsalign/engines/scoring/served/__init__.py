@@ -11,6 +11,7 @@ with the local teachers' protocol (tsalign/engines/scoring/base.py). Modules: cl
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from tsalign.config.choices import ModelKind, ServedApi
@@ -28,6 +29,7 @@ def is_served(spec) -> bool:
 
 def check_options(kind: str, served: dict, judge_prompt: str | None, key: str = "teacher") -> None:
     """What a served teacher needs, before anything is asked: one line naming the key to fix."""
+    check_url(served["base_url"], key)
     api = ServedApi(served["api"])
     if kind == ModelKind.judge and api not in JUDGE_APIS:
         raise TsalignError(f"{key}.served.api={api} serves a reward model, but {key}.kind=judge: set "
@@ -48,6 +50,15 @@ def check_options(kind: str, served: dict, judge_prompt: str | None, key: str = 
     if served.get("choice_token_ids") is not None and len(served["choice_token_ids"]) != 2:
         raise TsalignError(f"{key}.served.choice_token_ids must be two token ids (those of judge_choices)")
     api_key(served, key)
+
+
+def check_url(base_url: str, key: str = "teacher") -> None:
+    """An http(s) URL with a host: without a scheme every request fails the same way, which retries
+    would otherwise report as a server that is down."""
+    if not re.match(r"https?://[^/\s]", base_url or "", re.IGNORECASE):
+        bare = re.sub(r"^([a-z][a-z0-9+.-]*:)?/+", "", base_url or "", flags=re.IGNORECASE) or "HOST:PORT"
+        raise TsalignError(f"{key}.served.base_url={base_url} is not an http(s) URL: write "
+                           f"{key}.served.base_url=http://{bare} (or https://)")
 
 
 def api_key(served: dict, key: str = "teacher") -> str | None:
@@ -111,6 +122,22 @@ def cost_report(stats: dict, served: dict) -> dict:
     priced = served.get("price_in_per_1k") is not None or served.get("price_out_per_1k") is not None
     out["cost"] = round(stats.get("cost", 0.0), 6) if priced else None
     return out
+
+
+def no_verdict_line(url: str, prompts: int, stats: dict, kinds: dict[str, list]) -> str:
+    """Why a served teacher gave no verdict at all (every answer garbage), in one line: the URL, what it
+    answered (each kind's count, the commonest one's first answer and what it means) and the fix."""
+    from tsalign.engines.scoring.served.answers import GARBAGE_KINDS
+
+    if not kinds:  # answers from an earlier, interrupted attempt: counted, not described
+        return (f"served teacher {url} gave no verdict on any of {prompts} prompts ({stats.get('garbage', 0):.0f} "
+                "garbage answers); check the server and teacher.served.*, then rerun (garbage is asked again)")
+    counts = ", ".join(f"{count} {kind}" for kind, (count, _) in kinds.items())
+    kind, (_, first) = max(kinds.items(), key=lambda kv: kv[1][0])
+    meaning = GARBAGE_KINDS.get(kind, "check the server and teacher.served.*")
+    return (f"served teacher {url} gave no verdict on any of {prompts} prompts: {stats.get('garbage', 0):.0f} of "
+            f"{stats.get('calls', 0):.0f} answers were garbage ({counts}; first: {first}): {meaning}, then rerun "
+            "(garbage is asked again)")
 
 
 def cost_line(report: dict) -> str:

@@ -2,7 +2,8 @@
 
 A judge's answer gives P(the first slot wins) from the two choice tokens' log-probabilities at the
 first generated position when the server returns them, else from the parsed answer text (1 or 0).
-Anything else is garbage: (None, why), and that item gets no verdict, never a made-up one.
+Anything else is garbage: (None, why), and that item gets no verdict, never a made-up one. A reason
+is `kind` or `kind: detail`; answers are counted by kind (GARBAGE_KINDS says what each means).
 """
 
 from __future__ import annotations
@@ -11,6 +12,22 @@ import math
 import re
 
 from tsalign.engines.scoring.judge import two_way_softmax
+
+# what each kind of garbage means and what to check: printed once per kind with its count
+GARBAGE_KINDS = {
+    "not JSON": "the URL is not the server's API (a web page, a proxy, a login): check teacher.served.base_url",
+    "malformed response": "the JSON is not the shape teacher.served.api expects: check teacher.served.api",
+    "no choice token": "the judge named neither choice: check its judge_prompt, judge_choices and served.max_tokens",
+    "wrong number of rewards": "the reward model scored another number of texts than it was sent: check the "
+                               "server's batching and teacher.served.api",
+    "not one output": "the classifier has several outputs, a reward model one: serve a reward model",
+    "not finite": "a reward is NaN, infinite or not a number: check the served model",
+}
+
+
+def garbage_kind(why: str) -> str:
+    """The kind of a garbage reason (`kind` or `kind: detail`)."""
+    return why.split(": ", 1)[0]
 
 
 def logsumexp(values: list[float]) -> float:
@@ -72,7 +89,7 @@ def judge_verdict(body, choices: tuple[str, str], choice_token_ids: list[int] | 
         choice = body["choices"][0]
         text = choice["message"].get("content") or ""
     except (KeyError, IndexError, TypeError, AttributeError):
-        return None, "malformed response (no choices[0].message)", ""
+        return None, "malformed response: no choices[0].message", ""
     (lp_a, lp_b), lowest = first_position_logprobs(choice.get("logprobs"), choices, choice_token_ids)
     first_is_choice = parse_choice(text.split()[0], choices) is not None if text.split() else False
     if (lp_a is not None or lp_b is not None) and (one_token or first_is_choice):
@@ -104,14 +121,15 @@ def rewards(api: str, body, n: int) -> tuple[list[float] | None, str | None]:
             rows = sorted(body["data"], key=lambda r: r["index"])
             if api == "classify":
                 if any(len(r["probs"]) != 1 for r in rows):
-                    return None, f"the classifier has {len(rows[0]['probs'])} outputs; a reward model has one"
+                    return None, f"not one output: the classifier has {len(rows[0]['probs'])}"
                 values = [r["probs"][0] for r in rows]
             else:
                 values = [r["score"] for r in rows]
     except (KeyError, IndexError, TypeError):
-        return None, "malformed response"
+        return None, "malformed response: no rewards where teacher.served.api expects them"
     if not isinstance(values, list) or len(values) != n:
-        return None, f"{len(values) if isinstance(values, list) else 'no'} rewards for {n} texts"
+        got = len(values) if isinstance(values, list) else "no"
+        return None, f"wrong number of rewards: {got} rewards for {n} texts"
     if not _finite(values):
-        return None, "a reward is not a finite number"
+        return None, f"not finite: {next(v for v in values if not _finite([v]))!r}"
     return [float(v) for v in values], None

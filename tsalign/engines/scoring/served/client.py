@@ -6,8 +6,9 @@
 
 A 429, a 5xx or a connection error is retried (waiting backoff_s * 2^attempt, or a 429's Retry-After);
 when the retries are spent, or on any other HTTP error (400, 401, 404...), it raises one TsalignError
-naming the endpoint: never a default answer. A 200 whose body is not JSON comes back as
-Answer(body=None, garbage=...): the caller counts it and gives that item no verdict.
+naming the endpoint: never a default answer; a URL that is not http(s) fails at once. A 200 whose body
+is not JSON comes back as Answer(body=None, garbage="not JSON: ..."): the caller counts it and gives
+that item no verdict.
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ class ServedClient:
                 raise TsalignError(f"served teacher {url}: stopped (another request failed)")
             try:
                 r = self.http.post(url, json=body)
+            except (httpx.UnsupportedProtocol, httpx.InvalidURL) as e:  # no retry mends a URL: say so at once
+                raise TsalignError(f"teacher.served.base_url={self.base_url} is not an http(s) URL ({e}): write it "
+                                   "as http://HOST:PORT") from None
             except httpx.TransportError as e:  # refused, reset, timed out
                 last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                 continue
@@ -90,7 +94,7 @@ class ServedClient:
                 try:
                     return Answer(r.json(), None, time.perf_counter() - t0, attempt)
                 except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-                    return Answer(None, "malformed JSON", time.perf_counter() - t0, attempt)
+                    return Answer(None, not_json(r), time.perf_counter() - t0, attempt)
             if not retryable(r.status_code):
                 raise TsalignError(f"served teacher {url} answered HTTP {r.status_code}: {short(r.text)}; "
                                    f"{hint(r.status_code)}")
@@ -138,6 +142,16 @@ _END = object()
 def short(text: str, n: int = 200) -> str:
     line = " ".join(text.split())
     return line if len(line) <= n else line[:n] + "..."
+
+
+def not_json(r: httpx.Response) -> str:
+    """A 200 that is not JSON, as a garbage reason naming what came instead (an HTML page says a wrong URL)."""
+    kind = r.headers.get("content-type", "no content-type").split(";")[0]
+    try:
+        text = short(r.text, 60)
+    except (UnicodeDecodeError, LookupError):
+        text = f"{len(r.content)} bytes"
+    return f"not JSON: HTTP 200 {kind} {text!r}"
 
 
 def hint(status: int) -> str:

@@ -9,6 +9,12 @@ One JSONL file per teacher identity (api, base URL, model, template, temperature
 the API key), beside `<hash>.identity.json` saying what it is. Each line is written with one write
 under an exclusive lock, flushed and fsynced; a torn last line (a kill mid-write) is cut off when the
 file is next opened. Delete the file to ask the teacher again.
+
+A garbage answer (no choice named, not JSON, the wrong number of rewards) is kept apart, never as a
+final answer: `add_garbage(key, why)` writes `{"key", "garbage"}`, `get` does not return it, and the
+question is asked again on the next run (a server fixed later answers it; `was_garbage` counts these).
+A final answer is never displaced by a garbage one. Rows of ledgers written before this kept "no choice"
+answers as `{"p_first": null, "why": ...}`: they are read as garbage too.
 """
 
 from __future__ import annotations
@@ -38,11 +44,21 @@ def _locked(path: Path):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def read_rows(path: Path) -> dict[str, dict]:
-    """{key: answer} of a ledger file; a torn tail is cut off (under the lock) so appends stay readable."""
+def garbage_of(row: dict) -> str | None:
+    """Why a ledger row is no final answer (None: it is one); an old kept "no choice" row counts as garbage."""
+    if "garbage" in row:
+        return str(row["garbage"])
+    answer = row["answer"]
+    return str(answer["why"]) if isinstance(answer, dict) and answer.get("why") else None
+
+
+def read_rows(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """({key: final answer}, {key: why its last answer was garbage}) of a ledger file; a torn tail is cut
+    off (under the lock) so appends stay readable."""
     rows: dict[str, dict] = {}
+    garbage: dict[str, str] = {}
     if not path.is_file():
-        return rows
+        return rows, garbage
     with _locked(path) as f:
         f.seek(0)
         data = f.read()
@@ -50,20 +66,25 @@ def read_rows(path: Path) -> dict[str, dict]:
         for line in whole.splitlines():
             try:
                 row = json.loads(line)
-                rows[row["key"]] = row["answer"]
+                key, why = row["key"], garbage_of(row)
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 continue  # a line torn by a kill and glued to the next one: that answer is asked again
+            if why is None:
+                rows[key] = row["answer"]
+                garbage.pop(key, None)
+            elif key not in rows:  # two processes asked at once: the final answer wins, in any order
+                garbage[key] = why
         if len(whole) < len(data):  # a torn last line: cut it off so that appends stay readable
             f.truncate(len(whole))
             os.fsync(f.fileno())
-    return rows
+    return rows, garbage
 
 
 class VerdictLedger:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.rows = read_rows(self.path)
+        self.rows, self.garbage = read_rows(self.path)
 
     @classmethod
     def open(cls, cache_dir: str | Path, identity: dict) -> VerdictLedger:
@@ -80,8 +101,24 @@ class VerdictLedger:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def was_garbage(self, key: str) -> bool:
+        """Whether this question was asked before and answered garbage only (it is asked again)."""
+        return key in self.garbage
+
     def add(self, key: str, answer: dict) -> None:
-        line = (json.dumps({"key": key, "answer": answer}, ensure_ascii=False) + "\n").encode("utf-8")
+        """A final answer: read back instead of asking again."""
+        self._append({"key": key, "answer": answer})
+        self.rows[key] = answer
+        self.garbage.pop(key, None)
+
+    def add_garbage(self, key: str, why: str) -> None:
+        """A garbage answer, kept apart for a human and for the count: asked again next time."""
+        self._append({"key": key, "garbage": why})
+        if key not in self.rows:
+            self.garbage[key] = why
+
+    def _append(self, row: dict) -> None:
+        line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         with _locked(self.path) as f:
             end = f.seek(0, os.SEEK_END)
             if end:
@@ -91,4 +128,3 @@ class VerdictLedger:
             f.write(line)  # one write of a whole line: O_APPEND keeps lines of other processes whole
             f.flush()
             os.fsync(f.fileno())
-        self.rows[key] = answer

@@ -3,8 +3,10 @@ OpenAI-compatible chat endpoint, and a reward model on vLLM's /classify or /scor
 remote-RM shape. Every answer goes to the verdict ledger first, and is read from it before asking.
 
 A question without a verdict (garbage answer) gives its group NaN scores: the caller makes no pair
-from it and counts it. Stats: calls (comparisons or responses scored, ledger hits included),
-requests (sent over HTTP), cached, garbage, retries, tokens_in, tokens_out, seconds, cost, truncated.
+from it and counts it. Garbage is kept apart in the ledger (asked again next run: `asked_again`) and
+counted by kind (`garbage_kinds`), each kind printed once with its count when the scorer closes.
+Stats: calls (comparisons or responses scored, ledger hits included), requests (sent over HTTP),
+cached, garbage, asked_again, retries, tokens_in, tokens_out, seconds, cost, truncated.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import time
 
 from tsalign.engines.scoring.judge import check_template, combine_orders, round_robin
 from tsalign.engines.scoring.reward_model import render_prompt
-from tsalign.engines.scoring.served.answers import judge_verdict, rewards, usage
-from tsalign.engines.scoring.served.client import Answer, ServedClient
+from tsalign.engines.scoring.served.answers import GARBAGE_KINDS, garbage_kind, judge_verdict, rewards, usage
+from tsalign.engines.scoring.served.client import Answer, ServedClient, endpoint, short
 from tsalign.engines.scoring.served.ledger import VerdictLedger, item_key
+from tsalign.progress import say
 
-STATS = ("calls", "requests", "cached", "garbage", "retries", "tokens_in", "tokens_out", "seconds", "cost", "truncated")
+STATS = ("calls", "requests", "cached", "garbage", "asked_again", "retries", "tokens_in", "tokens_out", "seconds",
+         "cost", "truncated")
 
 
 def clip(text: str, chars: int, keep_end: bool) -> tuple[str, bool]:
@@ -33,13 +37,27 @@ def no_verdict(n: int) -> list[float]:
     return [math.nan] * n
 
 
+def garbage_line(kind: str, count: int, example: str, url: str) -> str:
+    """One printed line per kind of garbage: how many, what it means, what came."""
+    meaning = GARBAGE_KINDS.get(kind)
+    return (f"{count} garbage answer{'s' * (count != 1)} from {url}: {kind}" + (f" ({meaning})" if meaning else "")
+            + f"; first: {example}")
+
+
 class ServedScorer:
     """What the judge and the reward model share: client, ledger, stats, cost."""
+
+    PATH = ""  # the endpoint under base_url
 
     def __init__(self, client: ServedClient, ledger: VerdictLedger, max_chars: int, prices: tuple = (None, None)):
         self.client, self.ledger, self.max_chars, self.prices = client, ledger, max_chars, prices
         self.stats = {k: 0 for k in STATS} | {"seconds": 0.0, "cost": 0.0}
         self.garbage_examples: list[str] = []
+        self.garbage_kinds: dict[str, list] = {}  # kind -> [count, the first answer's reason]
+
+    @property
+    def url(self) -> str:
+        return endpoint(self.client.base_url, self.PATH)
 
     def _paid(self, answer: Answer, tokens_in: int, tokens_out: int) -> None:
         self.stats["requests"] += 1
@@ -57,15 +75,28 @@ class ServedScorer:
             known = self.ledger.get(key)
             if known is None:
                 todo.append(n)
+                self.stats["asked_again"] += self.ledger.was_garbage(key)
             else:
                 out[n] = known[field]
                 self.stats["cached"] += 1
         return out, todo
 
-    def _garbage(self, why: str, n: int = 1) -> None:
-        self.stats["garbage"] += n
+    def _garbage(self, why: str, keys: list[str]) -> None:
+        """No verdict for these questions: counted by kind, kept apart in the ledger (asked again next run)."""
+        self.stats["garbage"] += len(keys)
         if len(self.garbage_examples) < 5:
             self.garbage_examples.append(why)
+        self.garbage_kinds.setdefault(garbage_kind(why), [0, why])[0] += len(keys)
+        for key in keys:
+            self.ledger.add_garbage(key, why)
+
+    def garbage_lines(self) -> list[str]:
+        """One line per kind of garbage answered since this scorer opened, and the questions asked again."""
+        lines = [garbage_line(kind, count, example, self.url) for kind, (count, example) in self.garbage_kinds.items()]
+        if self.stats["asked_again"]:
+            lines.append(f"{self.stats['asked_again']} questions answered garbage before were asked again "
+                         f"({self.ledger.path})")
+        return lines
 
     def _clip(self, text: str, keep_end: bool) -> str:
         out, cut = clip(text, self.max_chars, keep_end)
@@ -74,10 +105,14 @@ class ServedScorer:
 
     def close(self) -> None:
         self.client.close()
+        for line in self.garbage_lines():  # once per kind, when the stage is done asking (or failed)
+            say(f"[served] {line}")
 
 
 class ServedJudge(ServedScorer):
     """A pairwise judge over /v1/chat/completions, both orders asked (tsalign.engines.scoring.judge's rules)."""
+
+    PATH = "/v1/chat/completions"
 
     def __init__(self, client: ServedClient, ledger: VerdictLedger, template: str, choices: tuple[str, str],
                  model: str | None, temperature: float, max_tokens: int, top_logprobs: int,
@@ -107,26 +142,21 @@ class ServedJudge(ServedScorer):
         t0 = time.perf_counter()
         keys = [item_key("judge", p, a, b) for p, a, b in items]
         out, todo = self._from_ledger(keys, "p_first")
-        asking = set(todo)
-        for n, key in enumerate(keys):
-            if n not in asking and out[n] is None:  # a kept "no choice" answer: still no verdict
-                self._garbage(self.ledger.get(key).get("why") or "no verdict")
-        for n, answer in self.client.post_many("/v1/chat/completions", todo, lambda n: self.body(self.render(*items[n]))):
-            if answer.body is None:  # not JSON: counted, not kept (asked again next time)
+        for n, answer in self.client.post_many(self.PATH, todo, lambda n: self.body(self.render(*items[n]))):
+            if answer.body is None:  # not JSON
                 self._paid(answer, 0, 0)
-                self._garbage(answer.garbage)
+                self._garbage(answer.garbage, [keys[n]])
                 continue
             tokens_in, tokens_out = usage(answer.body)
             self._paid(answer, tokens_in, tokens_out)
             p, why, text = judge_verdict(answer.body, self.choices, self.choice_token_ids, self.max_tokens == 1)
-            if why and why.startswith("malformed"):
-                self._garbage(why)
+            if p is None:  # with what came instead, for the line printed per kind
+                came = f": {text[:80]!r}" if why == "no choice token" else f"; got {short(str(answer.body), 80)}"
+                self._garbage(why + came, [keys[n]])
                 continue
-            self.ledger.add(keys[n], {"p_first": p, "why": why, "text": text[:200], "tokens_in": tokens_in,
+            self.ledger.add(keys[n], {"p_first": p, "text": text[:200], "tokens_in": tokens_in,
                                       "tokens_out": tokens_out})
             out[n] = p
-            if p is None:
-                self._garbage(f"{why}: {text[:80]!r}")
         self.stats["calls"] += len(items)
         self.stats["first_position_picks"] += sum(p is not None and p > 0.5 for p in out)
         self.stats["seconds"] += time.perf_counter() - t0
@@ -153,7 +183,9 @@ class ServedJudge(ServedScorer):
 
     @property
     def first_position_rate(self) -> float | None:
-        return self.stats["first_position_picks"] / self.stats["calls"] if self.stats["calls"] else None
+        """Of single-order verdicts given: a garbage answer gives none, and no verdict gives no rate."""
+        verdicts = self.stats["calls"] - self.stats["garbage"]
+        return self.stats["first_position_picks"] / verdicts if verdicts > 0 else None
 
 
 class ServedRewardModel(ServedScorer):
@@ -168,6 +200,7 @@ class ServedRewardModel(ServedScorer):
         super().__init__(client, ledger, max_chars, prices)
         self.api, self.model, self.input_template, self.batch_size = str(api), model, input_template, batch_size
         self.max_length = max_length
+        self.PATH = self.PATHS[self.api]
 
     def text(self, prompt: list[dict], response: str) -> str:
         return self.input_template.format(prompt=self._clip(render_prompt(prompt), True),
@@ -201,12 +234,12 @@ class ServedRewardModel(ServedScorer):
         keys = [item_key("reward", p, r) for p, r in items]
         out, todo = self._from_ledger(keys, "reward")
         jobs = self.requests(items, todo)
-        for (ns, _), answer in self.client.post_many(self.PATHS[self.api], jobs, lambda job: job[1]):
+        for (ns, _), answer in self.client.post_many(self.PATH, jobs, lambda job: job[1]):
             tokens_in, tokens_out = usage(answer.body)
             self._paid(answer, tokens_in, tokens_out)
             values, why = rewards(self.api, answer.body, len(ns)) if answer.body is not None else (None, answer.garbage)
             if values is None:
-                self._garbage(why, len(ns))
+                self._garbage(why, [keys[n] for n in ns])
                 continue
             for n, v in zip(ns, values):
                 self.ledger.add(keys[n], {"reward": v, "tokens_in": tokens_in / len(ns)})
