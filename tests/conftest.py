@@ -90,3 +90,22 @@ def run_stage(tmp_path):
         return run_stage_inprocess(stage, outputs or tmp_path / "outputs", overrides, tiny=tiny)
 
     return _run
+
+
+@pytest.fixture
+def stub():
+    """A stub teacher server on 127.0.0.1 (tests/stub_server.py), stopped after the test; bounded requests and time."""
+    from stub_server import StubTeacher
+
+    with StubTeacher(max_requests=300, max_seconds=120) as s:
+        yield s
+
+
+@pytest.fixture
+def clean_ledger():
+    """Verdict-ledger files a test makes under the shared cache are removed after it."""
+    folder = CACHE_DIR / "served"
+    before = set(folder.glob("*")) if folder.is_dir() else set()
+    yield folder
+    for path in (set(folder.glob("*")) if folder.is_dir() else set()) - before:
+        path.unlink(missing_ok=True)

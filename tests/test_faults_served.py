@@ -12,9 +12,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import CACHE_DIR, run_cli, run_stage_inprocess
+from conftest import run_cli, run_stage_inprocess
 from omegaconf import OmegaConf
-from stub_server import TEMPLATE, StubTeacher
+from stub_server import TEMPLATE
 
 from tsalign.config.schema import ServedOptions
 from tsalign.engines.scoring import make_scorer
@@ -48,22 +48,6 @@ def rank_dir(outputs: Path) -> Path:
 
 def served_lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("[served] ")]
-
-
-@pytest.fixture
-def stub():
-    with StubTeacher(max_requests=120, max_seconds=120) as s:
-        yield s
-
-
-@pytest.fixture
-def clean_ledger():
-    """Ledger files a stage test makes under the shared cache are removed after it."""
-    folder = CACHE_DIR / "served"
-    before = set(folder.glob("*")) if folder.is_dir() else set()
-    yield folder
-    for path in (set(folder.glob("*")) if folder.is_dir() else set()) - before:
-        path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- item 1: a web page for every answer

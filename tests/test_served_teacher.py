@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import CACHE_DIR, REPO, run_stage_inprocess
+from conftest import REPO, run_stage_inprocess
 from omegaconf import OmegaConf
 from stub_server import TEMPLATE, StubTeacher
 
@@ -47,22 +47,6 @@ def judge(url: str, ledger_dir: Path, **kw):
 def reward_model(url: str, ledger_dir: Path, api: str, **kw):
     return make_scorer("reward_model", None, max_length=256, batch_size=2, served=options(url, api=api, **kw),
                        ledger_dir=ledger_dir)
-
-
-@pytest.fixture
-def stub():
-    with StubTeacher(max_requests=300, max_seconds=120) as s:
-        yield s
-
-
-@pytest.fixture
-def clean_ledger():
-    """Ledger files a test makes under the shared cache are removed after it."""
-    folder = CACHE_DIR / "served"
-    before = set(folder.glob("*")) if folder.is_dir() else set()
-    yield folder
-    for path in (set(folder.glob("*")) if folder.is_dir() else set()) - before:
-        path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- pure parts
