@@ -14,7 +14,6 @@ import collections
 import math
 import random
 import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -23,12 +22,8 @@ from tsalign.algorithms.pairs import pairs_longer_wins
 from tsalign.algorithms.selection import (
     correct,
     decide,
-    most_uncertain,
     shortlist,
     student_agrees,
-    student_margin,
-    teacher_calls,
-    within_budget,
 )
 from tsalign.algorithms.stats import describe
 from tsalign.artifacts.store import (
@@ -40,7 +35,7 @@ from tsalign.artifacts.store import (
     stage_dir,
     verify_output,
 )
-from tsalign.config.choices import BudgetScope, CutAnswers, ModelKind, Selection
+from tsalign.config.choices import CutAnswers, ModelKind, Selection
 from tsalign.engines.scoring.resumable import score_resumably
 from tsalign.engines.scoring.served import cost_line, cost_report, is_served, no_verdict_line
 from tsalign.errors import TsalignError
@@ -49,6 +44,7 @@ from tsalign.stages.checks import check_student, check_teacher
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
 from tsalign.stages.factory import open_scorer, student_base_dir, teacher_model_dir
 from tsalign.stages.lineage import experiment_dir, finished_output, student_source
+from tsalign.stages.teacher_plan import budget_error, budget_left, teacher_plan
 
 
 def candidates_file(cfg: DictConfig) -> Path:
@@ -70,72 +66,6 @@ def plan(cfg: DictConfig) -> Plan:
 
 
 SAMPLE_ROWS = 20  # pairs shown as a table in wandb
-
-
-@dataclass
-class TeacherPlan:
-    """Who decides each prompt with a shortlist: the teacher (`asked`, in the order it is asked), the
-    student's own order (`by_student`), or nobody (`skipped`: prompt -> the no_pair reason)."""
-
-    asked: list[int] = field(default_factory=list)
-    by_student: set[int] = field(default_factory=set)
-    skipped: dict[int, str] = field(default_factory=dict)
-    budget: dict | None = None
-
-
-def calls_before(cfg: DictConfig) -> int:
-    """Teacher calls of this experiment's finished ranks at earlier iterations (budget_scope=experiment)."""
-    manifests = (read_manifest(stage_dir(experiment_dir(cfg), s, "rank")) for s in range(cfg.iteration))
-    return sum((m or {}).get("counts", {}).get("teacher_calls") or 0 for m in manifests)
-
-
-def budget_left(cfg: DictConfig) -> tuple[int, int | None]:
-    """(teacher calls spent before, calls this rank may make: None without a budget)."""
-    r = cfg.rank
-    spent = calls_before(cfg) if r.max_calls is not None and r.budget_scope == BudgetScope.experiment else 0
-    return spent, None if r.max_calls is None else max(r.max_calls - spent, 0)
-
-
-def budget_error(cfg: DictConfig, spent: int, why: str = "") -> TsalignError:
-    """A budget that pays for no teacher call: distill and dpo would only find an empty pairs file."""
-    r = cfg.rank
-    before = f" ({spent} spent before iteration {cfg.iteration}, budget_scope={r.budget_scope})" if spent else ""
-    return TsalignError(f"rank.max_calls={r.max_calls}{before}{why}: the teacher was asked nothing and no pair was "
-                        "made; raise rank.max_calls or use rank.selection=student_only")
-
-
-def teacher_plan(cfg: DictConfig, strategy: Selection, student_scores: list[list[float]],
-                 shortlists: list[list[int]]) -> TeacherPlan:
-    """Which prompts the teacher is asked about: all shortlists (best_worst...), the least sure ones first
-    (uncertain), none (student_only); then only as many as rank.max_calls pays for."""
-    candidates = [i for i, s in enumerate(shortlists) if s]
-    if strategy is Selection.student_only:
-        return TeacherPlan(by_student=set(candidates))
-    plan, order = TeacherPlan(), candidates
-    if strategy is Selection.uncertain:
-        order = most_uncertain([student_margin(s, k) for s, k in zip(student_scores, shortlists)],
-                               cfg.rank.uncertain_fraction)
-        confident = sorted(set(candidates) - set(order))
-        if cfg.rank.confident_pairs:
-            plan.by_student = set(confident)
-        else:
-            plan.skipped.update((i, "student_confident") for i in confident)
-    r = cfg.rank
-    costs = {i: teacher_calls(len(shortlists[i]), cfg.teacher.kind == ModelKind.judge) for i in order}
-    spent, available = budget_left(cfg)
-    plan.asked, over = within_budget(costs, order, available)
-    if over and not plan.asked and not plan.by_student:  # before the teacher is opened: nothing would come of it
-        raise budget_error(cfg, spent, f" pays for none of {len(over)} prompts (the cheapest costs "
-                                       f"{min(costs[i] for i in over)} teacher calls)" if available else "")
-    plan.skipped.update((i, "over_budget") for i in over)
-    if r.max_calls is not None:
-        plan.budget = {"max_calls": r.max_calls, "scope": r.budget_scope, "spent_before": spent,
-                       "available": available, "planned": sum(costs[i] for i in plan.asked),
-                       "prompts_over_budget": len(over)}
-        if over:
-            say(f"[rank] teacher budget: rank.max_calls={r.max_calls} ({r.budget_scope}, {spent} spent before) "
-                  f"pays for {len(plan.asked)} of {len(order)} prompts; the other {len(over)} make no pair")
-    return plan
 
 
 def load_candidates(path: Path) -> list[dict]:
