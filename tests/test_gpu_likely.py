@@ -178,8 +178,12 @@ def probe_fsdp_reference(model_dir: str) -> None:
 # ---------------------------------------------------------------- generate: early shards wait
 
 
+SCALED_TIMEOUT_S = 10  # the default group's timeout: NCCL's 10 minutes, scaled down
+LATE_SHARD_S = 30  # how much later shard 1 finishes: well past the timeout, also on a loaded 2-core machine
+
+
 def test_an_early_shard_outwaits_the_default_collective_timeout():
-    """Shard 1 finishes 6 s after shard 0, and the default group gives up after 2 s (NCCL's 10 minutes, scaled
+    """Shard 1 finishes 30 s after shard 0, and the default group gives up after 10 s (NCCL's 10 minutes, scaled
     down): a plain all_gather times out; generate's on_every_shard waits, and still raises an error everywhere."""
     plain = launch_two("shard-wait", "plain")
     assert plain.returncode != 0 and "timed out" in plain.stderr.lower(), plain.stderr[-3000:]
@@ -194,13 +198,16 @@ def test_an_early_shard_outwaits_the_default_collective_timeout():
 def probe_shard_wait(mode: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", timeout=timedelta(seconds=2))  # accelerate's PartialState keeps this group
+    # imported before the group exists: on a loaded machine the two imports end seconds apart, and every
+    # collective of the group (the wait group's creation too) would count that skew against the short timeout
     from tsalign import distributed
     from tsalign.stages import generate
 
+    dist.init_process_group("gloo", timeout=timedelta(seconds=SCALED_TIMEOUT_S))  # accelerate's PartialState keeps it
+
     def sample_shard() -> dict:
         if distributed.rank() == 1:
-            time.sleep(6)
+            time.sleep(LATE_SHARD_S)
             if mode == "error":
                 raise RuntimeError("shard 1 failed")
         return {"shard": distributed.rank()}
