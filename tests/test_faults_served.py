@@ -39,7 +39,7 @@ def options(url: str, **kw) -> dict:
 def served_overrides(url: str, model: str, *extra: str) -> list[str]:
     return ["teacher=served_judge", f"teacher.served.base_url={url}", f"teacher.served.model={model}",
             "teacher.served.backoff_s=0.01", "teacher.served.retries=1", "teacher.served.concurrency=2",
-            "teacher.max_length=256", *extra]
+            "teacher.max_length=256", "rank.audit_fraction=0", *extra]  # requests counted exactly: no audit
 
 
 def rank_dir(outputs: Path) -> Path:
@@ -172,6 +172,23 @@ def test_the_position_bias_rate_is_not_computed_over_zero_verdicts(stub, tmp_pat
     j.score_groups([PROMPT], [[SHORT, LONG]])
     j.close()
     assert j.stats["calls"] == 2 and j.stats["garbage"] == 2 and j.first_position_rate is None
+
+
+def test_evaluate_counts_first_slot_picks_over_verdicts_not_calls():
+    """The control's position check divides by verdicts given: 4 calls of which 2 garbage and 1 first-slot pick is
+    1 of 2 (0.5, passes), not 1 of 4."""
+    from tsalign.stages.evaluate import judge_pairs
+
+    class HalfGarbage:
+        stats = {"calls": 10, "garbage": 1, "first_position_picks": 3}  # earlier calls: not this judging's
+
+        def score_groups(self, prompts, groups):
+            self.stats = {"calls": self.stats["calls"] + 4, "garbage": self.stats["garbage"] + 2,
+                          "first_position_picks": self.stats["first_position_picks"] + 1}
+            return [[0.5, 0.5] for _ in groups]
+
+    scores, picks = judge_pairs([PROMPT], [SHORT], [LONG], HalfGarbage())
+    assert picks == {"first_position_picks": 1, "verdicts": 2}
 
 
 # ---------------------------------------------------------------- item 8: a budget that pays for nothing

@@ -65,7 +65,7 @@ def test_the_loop_launches_generate_over_generate_processes(compose):
     assert stage_launcher(compose(["launch.processes=2"]), "generate") == [sys.executable, "-m", "tsalign.cli"]
     cmd = stage_launcher(compose(["launch.generate_processes=2", "launch.accelerate_config=deepspeed_zero3"]),
                          "generate")
-    assert cmd == [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    assert cmd == [sys.executable, "-m", "tsalign.pipeline.launch", "--multi_gpu", "--num_processes", "2",
                    "-m", "tsalign.cli"]  # the training stages' accelerate config is not generate's
 
 

@@ -116,7 +116,7 @@ def test_other_stages_refuse_to_run_under_accelerate(ranked):
 def test_the_loop_launches_training_stages_through_accelerate(compose):
     cfg = compose(["launch.processes=2"])
     assert stage_launcher(cfg, "generate") == [sys.executable, "-m", "tsalign.cli"]
-    assert stage_launcher(cfg, "dpo")[:5] == [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+    assert stage_launcher(cfg, "dpo")[:5] == [sys.executable, "-m", "tsalign.pipeline.launch", "--multi_gpu",
                                               "--num_processes"]
     zero3 = stage_launcher(compose(["launch.accelerate_config=deepspeed_zero3"]), "distill")
     assert zero3[3:5] == ["--config_file", str(accelerate_config_file("deepspeed_zero3"))] and "--num_processes" not in zero3
@@ -130,3 +130,42 @@ def test_shipped_accelerate_configs_load(name):
     assert config.num_machines == 1 and config.mixed_precision == "bf16"
     assert {"ddp": "MULTI_GPU", "deepspeed_zero2": "DEEPSPEED", "deepspeed_zero3": "DEEPSPEED",
             "fsdp": "FSDP"}[name] == config.distributed_type.value
+
+
+DIES = """
+import os, signal, sys, time
+if os.environ["RANK"] == "1":
+    time.sleep(1)
+    if sys.argv[1] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    print("tsalign: error: the stage's own line", file=sys.stderr)
+    sys.exit(2)
+time.sleep(120)  # rank 0: stopped by the launcher when rank 1 dies
+"""
+
+
+@pytest.mark.parametrize("how", ["kill", "exit"])
+def test_a_dead_process_of_a_launched_stage_ends_in_one_tsalign_line(tmp_path, how):
+    """The loop's `accelerate launch` (tsalign.pipeline.launch): one process killed (kill -9, the OOM killer) or
+    failing: accelerate stops the other and the run ends in one line naming the process and the cause, exit 1,
+    no launcher traceback."""
+    script = tmp_path / "dies.py"
+    script.write_text(DIES)
+    cmd = [*stage_launcher_args(), "--num_machines", "1", "--dynamo_backend", "no", str(script), how]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    expected = "was killed by SIGKILL (the kernel's out-of-memory killer" if how == "kill" else \
+        "exited with code 2 (its error is above)"
+    assert last.startswith(f"tsalign: error: process 1 of 2 {expected}"), last
+    assert "rerun the same command" in last
+
+
+def stage_launcher_args() -> list[str]:
+    """The loop's own launch command for a 2-process training stage, without the tsalign.cli part."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"launch": {"processes": 2, "generate_processes": 1, "accelerate_config": None}})
+    cmd = stage_launcher(cfg, "dpo")
+    return cmd[:cmd.index("-m", 2)]

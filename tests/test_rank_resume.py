@@ -10,6 +10,8 @@ from conftest import run_stage_inprocess
 import tsalign.engines.scoring.resumable
 import tsalign.stages.rank as rank
 
+NO_AUDIT = ["rank.audit_fraction=0"]  # the teacher's chunks counted exactly (the audit has its own test)
+
 
 def test_rank_resumes_teacher_chunks_after_a_crash(tmp_path, monkeypatch):
     run_stage_inprocess("generate", tmp_path)  # model=tiny: 4 prompts x K=3
@@ -33,7 +35,7 @@ def test_rank_resumes_teacher_chunks_after_a_crash(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rank, "open_scorer", lambda cfg, spec, d: spying_open(cfg, spec, d, crash_on=2))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_stage_inprocess("rank", tmp_path)
+        run_stage_inprocess("rank", tmp_path, NO_AUDIT)
     rank_dir = tmp_path / "default" / "iter_0" / "rank"
     assert not (rank_dir / "manifest.json").exists() and not (rank_dir / "pairs.jsonl").exists()
     teacher_calls_before = [n for name, n in seen if name == "tiny-bert-teacher"]
@@ -41,7 +43,7 @@ def test_rank_resumes_teacher_chunks_after_a_crash(tmp_path, monkeypatch):
 
     seen.clear()
     monkeypatch.setattr(rank, "open_scorer", lambda cfg, spec, d: spying_open(cfg, spec, d))
-    _, manifest = run_stage_inprocess("rank", tmp_path)
+    _, manifest = run_stage_inprocess("rank", tmp_path, NO_AUDIT)
     assert seen == [("tiny-bert-teacher", 2)]  # the student is not rerun; only the lost teacher chunk is
     metrics = json.loads((rank_dir / "metrics.json").read_text())
     assert metrics["teacher_calls"] == 8 and metrics["student_calls"] == 12  # counted across both runs
@@ -50,6 +52,6 @@ def test_rank_resumes_teacher_chunks_after_a_crash(tmp_path, monkeypatch):
     # the resumed result equals an uninterrupted run
     monkeypatch.setattr(rank, "open_scorer", real_open)
     run_stage_inprocess("generate", tmp_path / "clean")
-    run_stage_inprocess("rank", tmp_path / "clean")
+    run_stage_inprocess("rank", tmp_path / "clean", NO_AUDIT)
     clean = (tmp_path / "clean" / "default" / "iter_0" / "rank" / "scores.jsonl").read_text()
     assert clean == (rank_dir / "scores.jsonl").read_text()

@@ -148,3 +148,21 @@ def test_report_imports_no_model_library(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(exp)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout and (exp / "report.html").is_file()
+
+
+def test_report_says_what_it_leaves_out(tiny_run, tmp_path, capsys):
+    """A deleted iteration between finished ones and an output deleted after its stage finished are named on
+    the page and printed, not silently left out."""
+    import shutil
+
+    exp = tmp_path / "exp"
+    for t in (0, 1, 2):
+        shutil.copytree(tiny_run / "iter_0", exp / f"iter_{t}")
+    assert "Left out or changed since" not in write_report(exp).read_text()
+    shutil.rmtree(exp / "iter_1")  # deleted by the user
+    (exp / "iter_2" / "rank" / "pairs.jsonl").unlink()
+    capsys.readouterr()
+    page = write_report(exp).read_text()
+    printed = capsys.readouterr().out
+    for line in ("iter_1 is missing (deleted?)", "iter_2/rank: pairs.jsonl (missing) since it finished"):
+        assert esc(line) in page and f"[report] warning: {line}" in printed, printed

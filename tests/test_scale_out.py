@@ -187,6 +187,20 @@ def test_joblib_sweep_on_an_empty_cache_builds_each_model_once(tmp_path, cache_d
 
 
 @pytest.mark.launchers
+def test_a_failing_joblib_job_lets_its_sibling_finish_and_says_so(tmp_path):
+    """One job of a parallel sweep fails at once: the other runs its stage to the end (an exit in the job would
+    make joblib stop it mid-stage), and the sweep ends with the failed job's one line, exit != 0, no traceback."""
+    need_plugin("hydra_joblib_launcher")
+    done = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=tiny", "stage=generate",
+                    "sampler.max_new_tokens=8", f"paths.outputs={tmp_path}", "generate.num_candidates=0,2"], timeout=300)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (tmp_path / "default" / "generate.num_candidates=2" / "iter_0" / "generate" / "manifest.json").is_file()
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "tsalign: error: this sweep job failed: generate.num_candidates must be >= 1; the other jobs ran to their " \
+           "end" in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.launchers
 def test_submitit_local_sweep_runs_two_loops(tmp_path):
     need_plugin("hydra_submitit_launcher")
     out = tmp_path / "outputs"

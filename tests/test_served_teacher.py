@@ -268,7 +268,7 @@ def rm_model(rm) -> str:
 
 def served_overrides(url: str, model: str, *extra: str) -> list[str]:
     return ["teacher=served_judge", f"teacher.served.base_url={url}", f"teacher.served.model={model}",
-            "teacher.served.backoff_s=0.01", "teacher.max_length=256", *extra]
+            "teacher.served.backoff_s=0.01", "teacher.max_length=256", "rank.audit_fraction=0", *extra]  # requests counted exactly: no audit
 
 
 def test_rank_with_a_served_judge_budget_and_garbage(stub, tmp_path, clean_ledger):

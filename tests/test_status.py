@@ -164,3 +164,35 @@ def test_status_imports_no_model_library(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(exp)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout and "step 2 of 8" in done.stdout
+
+
+def finished_with_outputs(exp: Path, t: int, stage: str, files: dict[str, str]) -> Path:
+    """A stage finished through StageRun (manifest with its outputs' hashes), as the runner leaves it."""
+    from tsalign.artifacts.store import StageRun
+
+    run = StageRun(stage_dir(exp, t, stage), stage, t, {"iteration": t})
+    work = run.begin()
+    outputs = {}
+    for rel, text in files.items():
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_text(text)
+        outputs[rel.split("/")[0]] = work / rel.split("/")[0]
+    run.finish({"prompts": 2}, outputs)
+    return run.directory
+
+
+def test_status_names_outputs_deleted_or_changed_after_their_stage_finished(tmp_path):
+    exp = tmp_path / "outputs" / "exp"
+    gen = finished_with_outputs(exp, 0, "generate", {"candidates.jsonl": '{"prompt_id": "p0"}\n'})
+    dpo = finished_with_outputs(exp, 0, "dpo", {"policy/model.safetensors": "weights", "policy/config.json": "{}"})
+    assert states(experiment_status(exp, None))[(0, "generate")] == "done"
+    (gen / "candidates.jsonl").unlink()
+    (dpo / "policy" / "model.safetensors").write_text("other weights")
+    rows = experiment_status(exp, None)
+    assert states(rows)[(0, "generate")] == "damaged" and states(rows)[(0, "dpo")] == "damaged"
+    text = format_status(exp, rows)
+    assert "generate  DAMAGED: finished, but candidates.jsonl (missing) since" in text, text
+    assert "dpo       DAMAGED: finished, but policy (changed) since" in text, text
+    assert f"tsalign stage=generate iteration=0 redo=true paths.outputs={exp.parent} experiment_name=exp" in text
+    shutil.rmtree(dpo / "policy")
+    assert row(experiment_status(exp, None), 0, "dpo")["damaged"] == ["policy (missing)"]

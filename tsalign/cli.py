@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import hydra
+from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
@@ -67,9 +68,8 @@ def experiment_dir(cfg: DictConfig) -> Path:
         return Path(cfg.experiment_dir).resolve()
     root = Path(cfg.paths.outputs) / cfg.experiment_name
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if in_multirun():
         hc = HydraConfig.get()
         keys = swept_keys(hc) - set(hc.job.config.override_dirname.exclude_keys)
         job = sorted(o for o in hc.overrides.task if o.lstrip("+~").split("=", 1)[0] in keys)
@@ -148,7 +148,24 @@ def _main(cfg: DictConfig) -> None:
         line = one_line(e, cfg)
         if line is None:
             raise
+        if in_multirun():
+            print(f"tsalign: error: {line}", file=sys.stderr)
+            raise SweepJobFailed(f"tsalign: error: this sweep job failed: {line}; the other jobs ran to their end "
+                                 "(rerun the same command to retry: finished stages are skipped)") from None
         fail(line)
+
+
+class SweepJobFailed(CompactHydraException):
+    """A sweep job's one-line error, handed to Hydra instead of exiting: Hydra records it as the job's result,
+    runs the other jobs to their end (an exit would make joblib stop them mid-stage) and prints this line,
+    not a traceback (CompactHydraException), exiting 1."""
+
+
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def one_line(e: Exception, cfg: DictConfig) -> str | None:

@@ -182,6 +182,22 @@ def verify_output(path: str | Path) -> Path:
                        "redo=true`")
 
 
+def damaged_outputs(directory: str | Path, manifest: dict) -> list[str]:
+    """The outputs of a finished stage that are gone or changed since its manifest was written, as
+    `name (missing)` / `name (changed)`; cheap while they are intact (sizes and mtimes only)."""
+    found = []
+    for rel in manifest.get("outputs", {}).values():
+        path = Path(directory) / rel
+        if not path.exists():
+            found.append(f"{rel} (missing)")
+            continue
+        try:
+            verify_output(path)
+        except TsalignError:
+            found.append(f"{rel} (changed)")
+    return found
+
+
 def fingerprint(path: str | Path) -> str:
     """Content hash of an input. A finished stage's output is immutable and its manifest records its
     hash, so a multi-GB checkpoint is hashed once, when its stage finishes, not by every reader; it

@@ -238,9 +238,16 @@ class RankConfig:
     # TSO: a pair of the prompt's reference answer vs a policy answer is labelled "reference wins"; a teacher
     # verdict against it is flipped (override) or dropped (filter); counted either way
     correction: Correction = Correction.none
+    # the live audit: on this seeded share of prompts the teacher also scores all K candidates, and rank reports the
+    # margin share its pairs kept vs random pairs, whether the shortlist held the teacher's best and worst, and the
+    # student's Spearman with the teacher (tsalign.stages.audit). Its calls are counted apart, not charged to
+    # max_calls, and make no pairs. 0 = off
+    audit_fraction: float = 0.1
 
     def problems(self) -> list[str]:
         found = too_small("rank.", self, 1, ("shortlist_m",))
+        if not 0.0 <= self.audit_fraction <= 1.0:
+            found.append(f"rank.audit_fraction={self.audit_fraction} must be between 0 and 1 (0: no audit)")
         if self.max_calls is not None and self.max_calls < 0:
             found.append(f"rank.max_calls={self.max_calls} must be >= 0 (null: no teacher budget)")
         if not 0.0 <= self.uncertain_fraction <= 1.0:
@@ -257,6 +264,10 @@ class DistillConfig:
     # iteration add to what the student learnt from humans instead of overwriting it (eval128 turns it on;
     # off by default: 9x the distill steps of `make run`, and no held-out gain measured yet)
     human_anchor: bool = False
+    # the teacher's all-K scores of rank's audited prompts (rank.audit_fraction) as extra teacher pairs: its best vs
+    # worst, second vs second-worst, ... per prompt (tsalign.algorithms.audit.nested_pairs), prompts of the held-out
+    # pairs left out. Off by default: the audit then only measures
+    audit_pairs: bool = False
     # a second, larger human check of the student: responses a human labelled good or bad (KTO data; neither
     # the teacher's nor student_0's fit saw them, and length does not separate them): AUC before and after,
     # with a paired bootstrap interval on the change. null = off

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from tsalign.algorithms.audit import verdict_line
 from tsalign.artifacts.store import ConfigChanged, read_manifest, stage_dir
 from tsalign.config.options import accelerate_config_file
 from tsalign.errors import TsalignError
@@ -75,7 +76,7 @@ def stage_launcher(cfg: DictConfig, stage: str) -> list[str]:
     launch.generate_processes > 1 (plain `--multi_gpu` processes, one prompt shard and one engine each;
     the training stages' accelerate config is not theirs)."""
     plain = [sys.executable, "-m", "tsalign.cli"]
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    accelerate = [sys.executable, "-m", "tsalign.pipeline.launch"]  # accelerate launch, its failures in one line
     launch = cfg.launch
     if stage == "generate":
         if launch.generate_processes <= 1:
@@ -124,6 +125,10 @@ def print_summary(experiment: Path, iterations) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
     print("stage wall times (s): " + "; ".join(
         f"iter_{r['iteration']}: " + ", ".join(f"{s} {fmt(w, 1)}" for s, w in wall_times(r).items()) for r in records))
+    for r in records:  # the audit's one line where the student's shortlist does no better than random pairs
+        line = verdict_line(r["metrics"].get("rank") or {})
+        if line:
+            print(f"iter_{r['iteration']}: {line}")
     if any(counts(r, "evaluate").get("judge_is_teacher") for r in records):
         print("win rates are judged by the training teacher: fit to the optimised reward, not quality "
               "(evaluate.judge=<conf/teacher option> for an independent judge)")

@@ -17,9 +17,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from tsalign import distributed
+from tsalign.algorithms.audit import nested_pairs
 from tsalign.algorithms.stats import auc, auc_change
 from tsalign.artifacts.store import atomic_write_json, read_jsonl
-from tsalign.config.choices import DistillSource, Replay
+from tsalign.config.choices import CutAnswers, DistillSource, Replay
 from tsalign.data import load_human_labels, load_human_pairs, split_pairs
 from tsalign.engines.models import pick_device
 from tsalign.errors import TsalignError
@@ -35,10 +36,18 @@ def replay_iterations(t: int, replay: str) -> list[int]:
     return {Replay.all: list(range(t)), Replay.last: [t - 1] if t > 0 else [], Replay.none: []}[Replay(replay)]
 
 
+AUDIT_INPUTS = ("audit_scores", "audit_candidates")
+
+
 def pair_files(cfg: DictConfig) -> dict[str, Path]:
     if cfg.distill.source == DistillSource.human:
         return {}
     files = {"pairs": finished_output(cfg, cfg.iteration, "rank", "pairs.jsonl", "distill")}
+    if cfg.distill.audit_pairs:
+        from tsalign.stages.rank import candidates_file
+
+        files["audit_scores"] = finished_output(cfg, cfg.iteration, "rank", "scores.jsonl", "distill.audit_pairs")
+        files["audit_candidates"] = candidates_file(cfg)
     for t in replay_iterations(cfg.iteration, cfg.distill.replay):
         files[f"replay_{t}"] = finished_output(cfg, t, "rank", "pairs.jsonl", f"distill replay of iteration {t}")
     return files
@@ -55,6 +64,25 @@ def plan(cfg: DictConfig) -> Plan:
     # the human hold-out and the teacher's fit report come from the teacher's option: in the plan too
     keys = ("student", "distill", "seed") + (("teacher",) if reports_teacher_holdout(cfg) else ())
     return Plan({**section(cfg, *keys), "student_used": label}, inputs)
+
+
+def audit_teacher_pairs(cfg: DictConfig, scores: Path, candidates: Path, left_out: set) -> list[dict]:
+    """distill.audit_pairs: pairs from the teacher's all-K scores of rank's audited prompts, in rank's pair format;
+    `left_out`: prompt ids of the held-out pairs (their agreement must stay a test the student did not train on)."""
+    by_id = {r["prompt_id"]: r for r in read_jsonl(candidates, "candidates file")}
+    pairs = []
+    for row in read_jsonl(scores, "rank scores"):
+        cands = (by_id.get(row["prompt_id"]) or {}).get("candidates")
+        if "audit_teacher_scores" not in row or row["prompt_id"] in left_out or not cands:
+            continue
+        complete = [c.get("finish_reason") != "length" for c in cands] \
+            if cfg.rank.cut_answers == CutAnswers.rejected_only else None
+        for chosen, rejected, margin in nested_pairs(row["audit_teacher_scores"], complete):
+            pairs.append({"prompt_id": row["prompt_id"], "prompt": by_id[row["prompt_id"]]["prompt"],
+                          "chosen": [{"role": "assistant", "content": cands[chosen]["text"]}],
+                          "rejected": [{"role": "assistant", "content": cands[rejected]["text"]}],
+                          "margin": margin, "judge": cfg.teacher.name, "source": "audit"})
+    return pairs
 
 
 def human_anchor_pairs(cfg: DictConfig) -> list[dict]:
@@ -90,7 +118,7 @@ def labels_counts(labels: dict | None) -> dict:
 def run(ctx: StageContext) -> StageResult:
     cfg, out_dir, tracker = ctx.cfg, ctx.directory, ctx.tracker
     d, device = cfg.distill, pick_device(cfg.device)
-    files = {k: v for k, v in ctx.inputs.items() if k != "student"}
+    files = {k: v for k, v in ctx.inputs.items() if k not in ("student", *AUDIT_INPUTS)}
     if d.source == DistillSource.human:
         train, held_out = split_pairs(load_human_pairs(d.human_data, cfg.paths.cache), d.holdout_fraction, cfg.seed)
         replayed = 0
@@ -99,6 +127,9 @@ def run(ctx: StageContext) -> StageResult:
         train, held_out = split_pairs(current, float(d.holdout_fraction), cfg.seed + cfg.iteration)
         replay = [p for f in files.values() for p in read_jsonl(f, "pairs file")]
         train, replayed = train + replay, len(replay)
+    audit = audit_teacher_pairs(cfg, *(ctx.inputs[k] for k in AUDIT_INPUTS), {p["prompt_id"] for p in held_out}) \
+        if "audit_scores" in ctx.inputs else []
+    train += audit
     anchor = human_anchor_pairs(cfg)
     train = train + anchor
     if not train:
@@ -134,7 +165,7 @@ def run(ctx: StageContext) -> StageResult:
     after, human_after = accuracy(out, held_out), accuracy(out, human)
     labels = labels_change(labelled, labels_before, scores(out), cfg.seed) if labelled else None
 
-    metrics = {"source": d.source, "train_pairs": len(train), "replayed_pairs": replayed,
+    metrics = {"source": d.source, "train_pairs": len(train), "replayed_pairs": replayed, "audit_pairs": len(audit),
                "human_anchor_pairs": len(anchor), "held_out_pairs": len(held_out),
                "label": str(d.source), "before": before, "after": after,
                "train": train_stats, "human_held_out": {"before": human_before, "after": human_after},
@@ -148,14 +179,15 @@ def run(ctx: StageContext) -> StageResult:
     def rounded(result: dict | None) -> float | None:
         return None if result is None else round(result["accuracy"], 4)
 
-    counts = {"train_pairs": len(train), "human_anchor_pairs": len(anchor), "held_out_pairs": len(held_out),
+    counts = {"train_pairs": len(train), "audit_pairs": len(audit), "human_anchor_pairs": len(anchor),
+              "held_out_pairs": len(held_out),
               "steps": train_stats["steps"],
               "agreement_before": rounded(before), "agreement_after": rounded(after),
               "human_accuracy_before": rounded(human_before), "human_accuracy_after": rounded(human_after),
               "human_longer_wins": None if human_before is None else round(human_before["longer_wins"], 4),
               "human_pairs": len(human), **labels_counts(labels)}
     tracker.log({f"distill/{k}": v for k, v in counts.items() if v is not None})
-    say(f"[distill] {len(train)} pairs ({replayed} replayed, {len(anchor)} human anchor), "
+    say(f"[distill] {len(train)} pairs ({replayed} replayed, {len(audit)} from the audit, {len(anchor)} human anchor), "
           f"{train_stats['steps']} steps; held-out "
           f"{'teacher agreement' if d.source == DistillSource.teacher else 'human accuracy'} "
           f"{counts['agreement_before']} -> {counts['agreement_after']} on {len(held_out)} pairs"

@@ -103,7 +103,9 @@ def judge_pairs(prompts: list[list[dict]], a: list[str], b: list[str], judge,
             end = start + JUDGE_CHUNK
             scores += judge.score_groups(prompts[start:end], [[x, y] for x, y in zip(a[start:end], b[start:end])])
             bar.update(len(prompts[start:end]))
-    picks = {k: judge.stats.get(k, 0) - before.get(k, 0) for k in ("first_position_picks", "calls")}
+    delta = {k: judge.stats.get(k, 0) - before.get(k, 0) for k in ("first_position_picks", "calls", "garbage")}
+    # garbage answers (a served judge naming no choice) are calls without a verdict: no slot was picked
+    picks = {"first_position_picks": delta["first_position_picks"], "verdicts": round(delta["calls"] - delta["garbage"])}
     return scores, picks if "first_position_picks" in judge.stats else {}
 
 
@@ -233,7 +235,7 @@ def run(ctx: StageContext) -> StageResult:
         say(f"[evaluate] {cost_line(served)}")
     if ctrl:
         checks = control_checks(ctrl["outcomes"], [len(a) for a in ctrl_judged[1]], [len(b) for b in ctrl_judged[2]],
-                                ctrl_picks.get("first_position_picks"), ctrl_picks.get("calls"), e.confidence, e.seed)
+                                ctrl_picks.get("first_position_picks"), ctrl_picks.get("verdicts"), e.confidence, e.seed)
         metrics["control"] = {**{k: v for k, v in ctrl.items() if k != "outcomes"}, **checks}
     else:
         metrics["control"] = None

@@ -36,10 +36,11 @@ from tsalign.artifacts.store import (
     verify_output,
 )
 from tsalign.config.choices import CutAnswers, ModelKind, Selection
-from tsalign.engines.scoring.resumable import score_resumably
+from tsalign.engines.scoring.resumable import OpenOnce, score_resumably
 from tsalign.engines.scoring.served import cost_line, cost_report, is_served, no_verdict_line
 from tsalign.errors import TsalignError
 from tsalign.progress import say
+from tsalign.stages.audit import run_audit
 from tsalign.stages.checks import check_student, check_teacher
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
 from tsalign.stages.factory import open_scorer, student_base_dir, teacher_model_dir
@@ -117,6 +118,14 @@ def keep_finished(cfg: DictConfig, ctx: StageContext, no_pair: dict) -> None:
 
 
 def run(ctx: StageContext) -> StageResult:
+    teacher = OpenOnce(lambda: open_scorer(ctx.cfg, ctx.cfg.teacher, teacher_model_dir(ctx.cfg)))
+    try:  # one teacher for the shortlist and the audit
+        return rank(ctx, teacher)
+    finally:
+        teacher.close()
+
+
+def rank(ctx: StageContext, teacher: OpenOnce) -> StageResult:
     cfg, out_dir = ctx.cfg, ctx.directory
     rows = load_candidates(ctx.inputs["candidates"])
     ids = [r["prompt_id"] for r in rows]
@@ -137,23 +146,19 @@ def run(ctx: StageContext) -> StageResult:
     teacher_stats: dict = {"calls": 0, "seconds": 0.0, "truncated": 0}
     tplan = teacher_plan(cfg, strategy, student_scores, shortlists)
     asked = tplan.asked
-    opened = []  # the teacher scorer, if it was opened: what a served one answered
-
-    def open_teacher():
-        opened.append(open_scorer(cfg, cfg.teacher, teacher_model_dir(cfg)))
-        return opened[-1]
-
     if asked:
         verdicts, teacher_stats = score_resumably(
-            open_teacher, [ids[i] for i in asked], [prompts[i] for i in asked],
+            teacher, [ids[i] for i in asked], [prompts[i] for i in asked],
             [[texts[i][k] for k in shortlists[i]] for i in asked],
             teacher_partial(out_dir / "_work" / "teacher.partial.jsonl", ctx.stamp), f"teacher {cfg.teacher.name}")
         for i, v in zip(asked, verdicts):
             teacher_scores[i] = v
-        check_some_verdict(cfg, asked, teacher_scores, teacher_stats, opened[0] if opened else None)
+        check_some_verdict(cfg, asked, teacher_scores, teacher_stats, teacher.scorer)
         if cfg.teacher.kind == ModelKind.judge:
             teacher_stats["first_position_rate"] = first_position_rate(teacher_stats)
 
+    audit, audit_scores = run_audit(ctx, ids, prompts, texts, student_scores, shortlists, set(tplan.by_student),
+                                    complete, teacher)
     score_rows, pairs, no_pair, agreement = [], [], {"too_few_distinct": 0, "tie": 0, "no_complete_answer": 0,
                                                  "cut_preferred": 0, "over_budget": 0, "no_verdict": 0}, []
     sources = [[c.get("source", "policy") for c in r["candidates"]] for r in rows]
@@ -180,7 +185,8 @@ def run(ctx: StageContext) -> StageResult:
                            "shortlist": shortlists[i], "teacher_scores": teacher_scores[i] if usable and not by_student
                            else [], "decided_by": "student" if by_student else "teacher" if i in asked else None,
                            "chosen": verdict.chosen if verdict else None,
-                           "rejected": verdict.rejected if verdict else None})
+                           "rejected": verdict.rejected if verdict else None,
+                           **({"audit_teacher_scores": audit_scores[i]} if i in audit_scores else {})})
         if verdict is None:
             continue
         verdict, corrected = correct(verdict, sources[i], cfg.rank.correction)
@@ -222,14 +228,15 @@ def run(ctx: StageContext) -> StageResult:
         "chosen_longer_rate": pairs_longer_wins(pairs) if pairs else None,
         "correction": {"mode": cfg.rank.correction, **corrections},
         "pair_sources": dict(collections.Counter(f"{p['chosen_source']}>{p['rejected_source']}" for p in pairs)),
+        **audit,
     }
     if not pairs:
         keep_finished(cfg, ctx, no_pair)
     if is_served(cfg.teacher):
         metrics["served"] = cost_report(teacher_stats, cfg.teacher.served)
-        if opened:  # this run's garbage by kind, and the questions whose earlier answer was garbage
-            metrics["served_garbage"] = {"kinds": {k: c for k, (c, _) in opened[0].garbage_kinds.items()},
-                                         "asked_again": opened[0].stats["asked_again"]}
+        if teacher.scorer:  # this run's garbage by kind, and the questions whose earlier answer was garbage
+            metrics["served_garbage"] = {"kinds": {k: c for k, (c, _) in teacher.scorer.garbage_kinds.items()},
+                                         "asked_again": teacher.scorer.stats["asked_again"]}
         say(f"[rank] {cost_line(metrics['served'])}")
     if "first_position_rate" in teacher_stats:
         rate = metrics["judge_first_position_rate"] = teacher_stats["first_position_rate"]
@@ -252,8 +259,8 @@ def run(ctx: StageContext) -> StageResult:
           f" (student {student_stats['calls']}), agreement {'n/a' if agree is None else f'{agree:.2f}'}")
     counts = {k: metrics[k] for k in ("prompts", "candidates", "pairs", "student_calls", "teacher_calls",
                                       "student_teacher_agreement", "student_s", "teacher_s")}
-    if "served" in metrics:
-        counts["served"] = metrics["served"]
+    counts.update({k: metrics[k] for k in ("served", "audit_teacher_calls", "audit_sent_share", "audit_random_share")
+                   if k in metrics})
     return StageResult(counts, outputs, {"no_pair": no_pair})
 
 
@@ -278,7 +285,7 @@ def check(cfg: DictConfig) -> None:
         raise TsalignError(f"rank needs at least 2 candidates per prompt to make a pair, and {path} has K={k}: rerun "
                            f"`tsalign stage=generate iteration={cfg.iteration} generate.num_candidates=4 redo=true`")
     check_student(cfg, student_source(cfg, cfg.iteration)[0], "student.max_length", cfg.student.max_length)
-    if cfg.rank.selection != Selection.student_only:
+    if cfg.rank.selection != Selection.student_only or cfg.rank.audit_fraction > 0:
         check_teacher(cfg)
 
 

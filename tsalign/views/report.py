@@ -19,6 +19,7 @@ import io
 import sys
 from pathlib import Path
 
+from tsalign.algorithms.audit import verdict_line
 from tsalign.artifacts.store import atomic_write_text, read_jsonl, read_manifest, stage_dir
 from tsalign.views.summary import (
     counts,
@@ -26,6 +27,7 @@ from tsalign.views.summary import (
     fmt,
     iteration_record,
     iterations,
+    problems,
     read_json,
     summary_table,
     wall_times,
@@ -113,7 +115,9 @@ def messages_text(messages) -> str:
 def summary_html(records: list[dict]) -> str:
     """The loop's summary table (tsalign.views.summary: every stage's registry columns), as HTML."""
     head, rows = summary_table(records)
-    return table(head, [[esc(c) for c in row] for row in rows], "summary")
+    audits = [f"iter_{r['iteration']}: {line}" for r in records if (line := verdict_line(r["metrics"].get("rank") or {}))]
+    return table(head, [[esc(c) for c in row] for row in rows], "summary") + "".join(
+        f"<p class='warn'>{esc(line)}</p>" for line in audits)
 
 
 def wall_time_table(rows: list[dict]) -> str:
@@ -279,7 +283,15 @@ table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}
 th,td{border:1px solid #ccc;padding:4px 6px;vertical-align:top;text-align:left}
 th{background:#f2f2f2} table.samples td{white-space:pre-wrap;max-width:28em}
 .cut{color:#b00;font-style:italic} img{max-width:100%} .note{color:#555;font-size:13px}
+.warn{border:2px solid #b00;padding:4px 12px;color:#700}
 """
+
+
+def warnings_html(lines: list[str]) -> str:
+    if not lines:
+        return ""
+    items = "".join(f"<li>{esc(line)}</li>" for line in lines)
+    return f"<div class='warn'><h2>Left out or changed since</h2><ul>{items}</ul></div>"
 
 
 def render(experiment: Path) -> str:
@@ -288,7 +300,8 @@ def render(experiment: Path) -> str:
     title = f"TS-Align report: {experiment.name}"
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
              f"<style>{STYLE}</style></head><body><h1>{esc(title)}</h1>",
-             f"<p class='note'>{esc(experiment)}<br>{models_line(records)}</p>"]
+             f"<p class='note'>{esc(experiment)}<br>{models_line(records)}</p>",
+             warnings_html(problems(experiment, records))]
     if not rows:
         return "".join(parts) + "<p>No iteration has started yet.</p></body></html>"
     parts += ["<h2>Summary across iterations</h2>", summary_html(records),
@@ -305,9 +318,14 @@ def render(experiment: Path) -> str:
 
 
 def write_report(experiment_dir: Path) -> Path:
-    """Write <experiment>/report.html (atomically) and return its path."""
+    """Write <experiment>/report.html (atomically) and return its path. What it leaves out (a deleted
+    iteration, outputs changed since their stage finished) is said at the top of the page and printed."""
     experiment = Path(experiment_dir)
-    return atomic_write_text(experiment / REPORT, render(experiment))
+    path = atomic_write_text(experiment / REPORT, render(experiment))
+    records = [iteration_record(experiment, t) for t in iterations(experiment)]
+    for line in problems(experiment, records):
+        print(f"[report] warning: {line}")
+    return path
 
 
 def report_after_run(experiment_dir: Path) -> Path | None:

@@ -6,7 +6,8 @@ torch, so it answers in well under a second even while a stage is running.
 
 States: "done" (manifest present), "partial" (stage folder without manifest: resume state in
 `_work/` says how far), "redo" (a finished stage is being redone in iter_<t>/.<stage>.redo),
-"not started". A partial stage is "running" when a process holds its stage lock, else "stopped".
+"damaged" (manifest present, but an output it records was deleted or changed since: redo it), "not started".
+A partial stage is "running" when a process holds its stage lock, else "stopped".
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from tsalign.artifacts.store import MANIFEST, read_manifest, stage_dir
+from tsalign.artifacts.store import MANIFEST, damaged_outputs, read_manifest, stage_dir
 from tsalign.stages.registry import STAGES, spec
 
 SCORE_CHUNK = 64  # tsalign.engines.scoring.resumable.SCORE_CHUNK; copied so that no scoring module is imported
@@ -218,6 +219,8 @@ def stage_status(experiment: Path, t: int, stage: str) -> dict:
                    counts={k: counts[k] for k in spec(stage).status_counts if k in counts})
         if staging.is_dir():  # begin() works here only when a finished stage is redone
             row.update(state="redo", progress=partial_progress(experiment, t, stage, staging))
+        elif damaged := damaged_outputs(directory, manifest):  # a later stage would refuse it: say so now
+            row.update(state="damaged", damaged=damaged)
         return row
     if directory.is_dir():  # begin() made it: a first run started (or crashed) here
         return {**row, "state": "partial", "progress": partial_progress(experiment, t, stage, directory)}
@@ -275,7 +278,7 @@ def next_commands(experiment_dir: Path, rows: list[dict]) -> list[str]:
         return [" ".join(["tsalign", "stage=loop", f"iterations={total + 1}", *tail]) + "   # one more iteration"]
     if todo["running"]:
         return [f"(iter_{todo['iteration']}/{todo['stage']} is running now: wait for it)"]
-    redo = ["redo=true"] if todo["state"] == "redo" else []
+    redo = ["redo=true"] if todo["state"] in ("redo", "damaged") else []
     return [" ".join(["tsalign", f"stage={todo['stage']}", f"iteration={todo['iteration']}", *redo, *tail]),
             " ".join(["tsalign", "stage=loop", f"iterations={total}", *tail]) + "   # or everything left"]
 
@@ -296,6 +299,8 @@ def describe(row: dict) -> str:
         return f"done in {_fmt(row.get('wall_time_s'))} s: {counts}"
     if state == "not started":
         return "not started"
+    if state == "damaged":
+        return f"DAMAGED: finished, but {', '.join(row['damaged'])} since; redo it (redo=true)"
     now = "running" if row["running"] else "stopped"
     what = "redo in progress (the finished outputs stay until it ends)" if state == "redo" else "partial"
     return f"{what}, {now}: {row['progress']['detail']}"

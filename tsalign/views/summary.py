@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tsalign.artifacts.store import read_manifest, stage_dir
+from tsalign.artifacts.store import damaged_outputs, read_manifest, stage_dir
 from tsalign.stages.registry import REGISTRY, STAGES, Column
 
 
@@ -30,6 +30,21 @@ def iteration_record(experiment: Path, t: int) -> dict:
     metrics = {name: read_json(stage_dir(experiment, t, name) / "metrics.json") if m else {}
                for name, m in manifests.items()}
     return {"iteration": t, "manifests": manifests, "metrics": metrics}
+
+
+def problems(experiment: Path, records: list[dict]) -> list[str]:
+    """What a summary of these records leaves out or cannot vouch for, one line each: an iteration folder
+    missing between finished ones, and finished stages whose outputs were deleted or changed since."""
+    found = [r["iteration"] for r in records]
+    lines = [f"iter_{t} is missing (deleted?): its figures are not shown; rerun `tsalign stage=loop` to redo it"
+             for t in range(max(found, default=-1)) if t not in found]
+    for r in records:
+        for name, manifest in r["manifests"].items():
+            damaged = damaged_outputs(stage_dir(experiment, r["iteration"], name), manifest) if manifest else []
+            if damaged:
+                lines.append(f"iter_{r['iteration']}/{name}: {', '.join(damaged)} since it finished; its figures "
+                             f"come from its manifest: `tsalign stage={name} iteration={r['iteration']} redo=true`")
+    return lines
 
 
 def counts(record: dict, stage: str) -> dict:

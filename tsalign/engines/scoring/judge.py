@@ -109,7 +109,8 @@ class PairwiseJudge:
 
     @property
     def first_position_rate(self) -> float | None:
-        return self.stats["first_position_picks"] / self.stats["calls"] if self.stats["calls"] else None
+        verdicts = self.stats["calls"] - self.stats.get("garbage", 0)  # a garbage answer picked no slot
+        return self.stats["first_position_picks"] / verdicts if verdicts > 0 else None
 
     def close(self) -> None:
         pass

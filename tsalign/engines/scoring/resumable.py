@@ -39,3 +39,34 @@ def score_resumably(open_scorer: Callable[[], Scorer], ids: list[str], prompts: 
     stats["calls"] = round(stats["calls"])
     stats["truncated"] = round(stats["truncated"])
     return [r["scores"] for r in done], stats
+
+
+class OpenOnce:
+    """One scorer for several score_resumably calls (rank's shortlist, then its audit): opened by the first call that
+    needs it and closed by close() alone, so a large teacher loads once. `scorer` stays readable after close()."""
+
+    def __init__(self, open_scorer: Callable[[], Scorer]):
+        self._open, self.scorer, self._closed = open_scorer, None, False
+
+    def __call__(self) -> Scorer:
+        if self.scorer is None:
+            self.scorer = self._open()
+        return _LeftOpen(self.scorer)
+
+    def close(self) -> None:
+        if self.scorer is not None and not self._closed:
+            self._closed = True
+            self.scorer.close()
+
+
+class _LeftOpen:
+    """A scorer whose close() is left to its OpenOnce."""
+
+    def __init__(self, scorer: Scorer):
+        self._scorer = scorer
+
+    def __getattr__(self, name: str):
+        return getattr(self._scorer, name)
+
+    def close(self) -> None:
+        pass
