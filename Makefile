@@ -17,7 +17,8 @@ LAUNCHERS ?= 0
 LAUNCHERS_STAMP := $(VENV)/.launchers-done
 
 .PHONY: setup run eval test test-fast bench compare gpu-check lint clean
-SAMPLER = $$($(PY) -c "import importlib.util as u; print('vllm' if u.find_spec('vllm') else 'hf')")
+# auto: the faster engine on this machine (vLLM where it is installed and faster, measured once per machine and model)
+SAMPLER ?= auto
 
 setup: $(STAMP) $(if $(filter 1,$(VLLM)),$(VLLM_STAMP)) $(if $(filter 1,$(LAUNCHERS)),$(LAUNCHERS_STAMP))
 

@@ -651,8 +651,9 @@ def breakeven(selection: dict, e2e: Path) -> dict:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    from tsalign.engines.machine import machine as this_machine
+
+    described = this_machine()
     mem = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                 if line.startswith("MemTotal")), 0)
     from importlib import metadata
@@ -664,7 +665,7 @@ def machine() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True).stdout
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / GB, 1), "python": platform.python_version(),
+    return {**described, "cores": os.cpu_count(), "memory_gb": round(mem / GB, 1), "python": platform.python_version(),
             "versions": versions, "git": git.strip(), "load_before": os.getloadavg()}
 
 
@@ -835,9 +836,12 @@ def summary(res: dict) -> list[str]:
 
 
 def render(res: dict) -> str:
+    from tsalign.engines.machine import machine_line
+
     m = res["machine"]
     out = [f"Run {res['started']} (`{res.get('command', 'python benchmarks/bench.py')}`, {res.get('total_s', 0):.0f} s); "
-           f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM; Python {m['python']}, "
+           f"{machine_line(m) if 'isa' in m else m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM; "
+           f"Python {m['python']}, "
            + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + f"; git {m['git']}; load average "
            f"{m['load_before'][0]:.2f} before, {res.get('load_after', [0])[0]:.2f} after. Phase times: "
            + ", ".join(f"{p} {v.get('phase_s', 0):.0f} s" for p, v in res["phases"].items()) + "."]

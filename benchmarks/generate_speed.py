@@ -47,6 +47,9 @@ def main() -> None:
         rows.append(("vllm", dict(dtype="bfloat16", max_model_len=1024)))
     else:
         print("vllm sampler: not installed (`make setup VLLM=1`), skipped")
+    from tsalign.engines.machine import machine, machine_line
+
+    print(f"machine: {machine_line(machine())}")
     print(f"sampling: {args.prompts} prompts x K={args.k} x {args.max_new_tokens} new tokens, same prompts for each")
     for backend, options in rows:
         t0 = time.perf_counter()

@@ -128,7 +128,7 @@ def test_every_stage_has_a_yaml():
 
 
 @pytest.mark.parametrize("override,allowed", [
-    ("sampler.backend=foo", "[hf, vllm]"),
+    ("sampler.backend=foo", "[hf, vllm, auto]"),
     ("data.schedule=sometimes", "[fresh, reuse]"),
     ("device=tpu", "[auto, cpu, cuda]"),
     ("data.source=hub", "[alpaca_eval, alpaca, file, hf]"),

@@ -107,3 +107,5 @@ def test_loop_with_vllm_sampler_and_vllm_judge(run_cli, tmp_path):
     metrics = json.loads((exp / "evaluate" / "metrics.json").read_text())
     assert metrics["n"] == 4 and metrics["judge"] == "tiny-judge" and metrics["judge_is_teacher"]
     assert "TS-Align summary" in done.stdout
+    # the tiny policy is float32 on disk, the engine bfloat16: vLLM's per-weight cast warnings are filtered out
+    assert generate["counts"]["engine_dtype"] == "bfloat16" and "Attempted to load weight" not in done.stdout + done.stderr

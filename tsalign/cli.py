@@ -93,7 +93,14 @@ def configure(cfg: DictConfig) -> DictConfig:
         import torch
 
         torch.set_num_threads(cfg.threads)
+    if str(cfg.stage) in SAMPLING:
+        from tsalign.stages.engine_pick import resolve_auto_sampler
+
+        resolve_auto_sampler(cfg)  # sampler=auto: the engine every stage of this run samples with
     return cfg
+
+
+SAMPLING = ("generate", "evaluate", "pdistill", "loop", "plan")  # stage= values that sample, or plan what samples
 
 
 def show_status(cfg: DictConfig) -> None:

@@ -45,6 +45,7 @@ class Device(StrEnum):
 class SamplerBackend(StrEnum):
     hf = "hf"
     vllm = "vllm"
+    auto = "auto"  # the faster of the two on this machine (tsalign.engines.engine_choice), resolved before a stage runs
 
 
 class DataSource(StrEnum):

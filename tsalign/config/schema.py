@@ -162,6 +162,9 @@ class SamplerConfig:
     max_model_len: int | None = None  # null = the model's own context length
     enforce_eager: bool | None = None  # null = eager on CPU, CUDA graphs on GPU
     kv_cache_gib: float | None = None  # null = 2 GiB on CPU (or VLLM_CPU_KVCACHE_SPACE), vLLM's share on GPU
+    # backend=auto only: measure hf and vLLM once per machine, model and engine versions (cached); false: decide by
+    # the CPU's instruction sets alone
+    calibrate: bool = True
 
     def problems(self) -> list[str]:
         return too_small("sampler.", self, 1, ("max_new_tokens", "batch_size", "max_prompt_tokens"))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import logging
 import multiprocessing
 import os
 import signal
@@ -114,9 +115,21 @@ def engine_core_main(*args, **kwargs):
     return vllm_original(EngineCoreProc, "run_engine_core")(*args, **kwargs)
 
 
+class ConfiguredCastNoise(logging.Filter):
+    """vLLM warns once per weight when the checkpoint's dtype is not the engine's (~200 lines for SmolLM2's float32
+    weights in a bfloat16 engine): a cast the config asked for (sampler.dtype), with nothing to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Attempted to load weight")
+
+
+WEIGHT_LOADING_LOGGER = "vllm.model_executor.models.utils"  # where that line is logged (vLLM 0.30 / 0.32)
+
+
 def worker_main(*args, **kwargs):
-    """A Worker process (vLLM's WorkerProc.worker_main) dies with its EngineCore."""
+    """A Worker process (vLLM's WorkerProc.worker_main) dies with its EngineCore, and loads weights quietly."""
     die_with_parent()
+    logging.getLogger(WEIGHT_LOADING_LOGGER).addFilter(ConfiguredCastNoise())
     from vllm.v1.executor.multiproc_executor import WorkerProc
 
     return vllm_original(WorkerProc, "worker_main")(*args, **kwargs)

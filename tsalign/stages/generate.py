@@ -23,6 +23,7 @@ timeout (on_every_shard): accelerate's default process group gives up after torc
 from __future__ import annotations
 
 import functools
+import os
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -31,11 +32,13 @@ from omegaconf import DictConfig
 
 from tsalign import distributed
 from tsalign.artifacts.store import PartialRows, atomic_write_jsonl
+from tsalign.engines.machine import machine, machine_line
 from tsalign.engines.sampling.resumable import chunk_prompts, derived_seed, sample_rows, shard_prompts
 from tsalign.errors import TsalignError
 from tsalign.progress import say
 from tsalign.stages.checks import check_sampler, model_at
 from tsalign.stages.contract import Plan, Stage, StageContext, StageResult, section
+from tsalign.stages.engine_pick import CHOSEN
 from tsalign.stages.factory import open_sampler, sampling_params
 from tsalign.stages.lineage import base_model_dir, policy_source, prompt_pool, training_prompts
 from tsalign.stages.matrix import add_candidates, add_references, matrix_models
@@ -179,19 +182,31 @@ def run(ctx: StageContext) -> StageResult:
     # null when every prompt was sampled by an earlier attempt (nothing timed in this one)
     close_s = round(sum(max(s.get("close_s", 0.0) for s in p) for p in per_shard), 2)
     counts.update(processes=shards, model_load_s=load_s, sample_s=round(sample_s, 2), close_s=close_s,
-                  tokens_per_s=round(counts["generated_tokens"] / sample_s, 1) if sample_s else None)
+                  tokens_per_s=round(counts["generated_tokens"] / sample_s, 1) if sample_s else None,
+                  engine=str(cfg.sampler.backend), engine_dtype=str(cfg.sampler.dtype or cfg.policy.dtype)
+                  if cfg.sampler.backend == "vllm" else str(cfg.policy.dtype), machine=machine(engine_threads(cfg)))
     ctx.tracker.log({f"generate/{k}": v for k, v in counts.items()})
     say(f"[generate] {counts['prompts']} prompts x K={params.n}: {counts['candidates']} candidates, "
           f"{counts['empty']} empty, {counts['cut_at_max_new_tokens']} cut at max_new_tokens, "
-          f"{counts['tokens_per_s']} tok/s" + (f" over {shards} processes" if shards > 1 else "")
+          f"{counts['tokens_per_s']} tok/s ({counts['engine']}, {counts['engine_dtype']}; {machine_line(counts['machine'])})"
+          + (f" over {shards} processes" if shards > 1 else "")
           + (f"; model matrix {[m[2] for m in matrix]}, {references} reference answers" if counts.get("matrix_candidates")
              is not None else ""))
     extra = {"policy": label, "policy_dir": str(model_dir), "sampling": params.as_dict()}
+    if "sampler" in CHOSEN:  # sampler=auto: why this engine
+        extra["engine_choice"] = CHOSEN["sampler"].why
     if shards > 1:
         extra["shards"] = per_shard[0]
     if matrix:
         extra["matrix"] = {who: str(directory) for _, directory, who, _ in matrix}
     return StageResult(counts, {"candidates": out}, extra)
+
+
+def engine_threads(cfg: DictConfig) -> int | str | None:
+    """The compute threads of the sampler: torch's (hf; None: read from torch), or vLLM-CPU's worker binding."""
+    if cfg.sampler.backend != "vllm":
+        return None
+    return os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto (vLLM-CPU binds its worker to the cores)")
 
 
 def check(cfg: DictConfig) -> None:

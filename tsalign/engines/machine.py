@@ -1,0 +1,56 @@
+"""The machine a speed figure was measured on: CPU model, the instruction sets that decide which kernels run
+(vLLM-CPU's fast path needs AVX-512, its bf16 path AVX512_BF16 or AMX), cores and torch threads. Generate records it
+beside its tokens/s, and the benchmarks print it: a tok/s figure without its machine cannot be compared.
+
+    python -m tsalign.engines.machine        # one line, as the manifests record it
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+# the flags that change which CPU kernels torch, oneDNN and vLLM-CPU use, in the order they are shown
+ISA = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
+
+
+def cpu_info(text: str | None = None) -> dict:
+    """CPU model, family/model numbers and the ISA flags of interest, from /proc/cpuinfo (`text`: its content)."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            text = ""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's
+    flags = set(fields.get("flags", "").split())
+    return {"cpu": fields.get("model name") or platform.processor() or platform.machine(),
+            "cpu_family": fields.get("cpu family"), "cpu_model": fields.get("model"),
+            "isa": [f for f in ISA if f in flags]}
+
+
+def machine(threads: int | str | None = None) -> dict:
+    """The record a speed figure travels with: cpu_info, logical CPUs usable here, and the compute threads used."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    return {**cpu_info(), "cpus": usable, "threads": threads}
+
+
+def machine_line(record: dict) -> str:
+    """`Intel(R) Xeon(R) Processor (model 167), 2 CPUs, 2 threads, avx2 avx512f ... amx_bf16`."""
+    model = f" (family {record.get('cpu_family')} model {record.get('cpu_model')})" if record.get("cpu_model") else ""
+    isa = " ".join(record.get("isa") or []) or "no AVX2"
+    return f"{record.get('cpu')}{model}, {record.get('cpus')} CPUs, {record.get('threads')} threads, {isa}"
+
+
+if __name__ == "__main__":
+    print(machine_line(machine()))
