@@ -9,7 +9,8 @@ import math
 
 import pytest
 
-from tsalign.algorithms.audit import audit_prompt, average_ranks, nested_pairs, spearman, summarize, verdict_line
+from tsalign.algorithms.audit import audit_prompt, nested_pairs, spearman, summarize, verdict_line
+from tsalign.algorithms.stats import average_ranks
 from tsalign.stages.audit import audited
 
 # ---------------------------------------------------------------- arithmetic

@@ -23,7 +23,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from tsalign.algorithms.stats import bootstrap_interval, wilson_interval
+from tsalign.algorithms.stats import average_ranks, bootstrap_interval, wilson_interval
 
 
 @dataclass(frozen=True)
@@ -33,21 +33,6 @@ class PromptAudit:
     has_best: bool
     has_worst: bool
     spearman: float | None
-
-
-def average_ranks(values: list[float]) -> list[float]:
-    """1-based ranks, ties sharing their average rank."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in order[i:j + 1]:
-            ranks[k] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:

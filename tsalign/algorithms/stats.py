@@ -78,19 +78,25 @@ def bootstrap_interval(values: list[float], statistic=None, confidence: float = 
     return draws[int(tail * (n_boot - 1))], draws[int(math.ceil((1 - tail) * (n_boot - 1)))]
 
 
-def auc(scores: list[float], labels: list[bool]) -> float:
-    """How often a random positive scores above a random negative, ties half (Mann-Whitney U / (P N)),
-    from average ranks: O(n log n)."""
-    order = sorted(range(len(scores)), key=scores.__getitem__)
-    ranks = [0.0] * len(scores)
+def average_ranks(values: list[float]) -> list[float]:
+    """1-based ranks, tied values sharing their average rank: O(n log n)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
     i = 0
     while i < len(order):
         j = i
-        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
             j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1  # tied scores share their average rank
+        for k in order[i:j + 1]:
+            ranks[k] = (i + j) / 2 + 1
         i = j + 1
+    return ranks
+
+
+def auc(scores: list[float], labels: list[bool]) -> float:
+    """How often a random positive scores above a random negative, ties half (Mann-Whitney U / (P N)),
+    from average ranks."""
+    ranks = average_ranks(scores)
     positives = sum(labels)
     negatives = len(labels) - positives
     if not positives or not negatives:

@@ -5,7 +5,8 @@
                                                         # teacher-only baseline on the same candidates
 
 Writes iter_<t>/rank/scores.jsonl (every student score, every teacher score), pairs.jsonl (TRL's
-conversational preference format + margin and provenance) and metrics.json.
+conversational preference format + margin and provenance) and metrics.json. On a seeded share of the prompts
+(rank.audit_fraction) the teacher also scores all K: the audit of the shortlist (tsalign.stages.audit).
 """
 
 from __future__ import annotations
