@@ -34,3 +34,36 @@ def test_generate_records_the_machine_beside_its_speed(run_stage):
     counts = manifest["counts"]
     assert counts["engine"] == "hf" and counts["engine_dtype"] == "float32" and counts["tokens_per_s"] > 0
     assert counts["machine"]["isa"] == cpu_info()["isa"] and isinstance(counts["machine"]["threads"], int)
+
+
+def test_cpu_times_and_threads_beside_busy_processes():
+    from tsalign.engines.machine import cpu_times, threads_for
+
+    # user nice system idle iowait irq softirq steal
+    assert cpu_times("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4\n") == (150, 1000)
+    assert threads_for(2, 0.0) == 2 and threads_for(2, 0.4) == 2  # a quiet machine: every CPU
+    assert threads_for(2, 1.0) == 1 and threads_for(2, 3.0) == 1  # one busy: the free one; never 0
+    assert threads_for(16, 2.2) == 14
+
+
+def test_a_stage_uses_the_cpus_no_other_process_keeps_busy(compose, tmp_path, monkeypatch, capsys):
+    import torch
+
+    import tsalign.cli
+    import tsalign.engines.machine as machine_module
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(tsalign.cli.os, "sched_getaffinity", lambda pid: {0, 1})
+    try:
+        monkeypatch.setattr(machine_module, "busy_cpus", lambda: 1.0)
+        tsalign.cli.set_threads(compose(["stage=generate", f"paths.outputs={tmp_path}"]))
+        assert torch.get_num_threads() == 1 and "threads: 1 of 2 CPUs" in capsys.readouterr().out
+        assert "VLLM_CPU_OMP_THREADS_BIND" not in tsalign.cli.os.environ  # busy: vLLM's own binding kept
+        monkeypatch.setattr(machine_module, "busy_cpus", lambda: 0.1)
+        tsalign.cli.set_threads(compose(["stage=generate", f"paths.outputs={tmp_path}"]))
+        assert torch.get_num_threads() == 2 and tsalign.cli.os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0,1"
+        tsalign.cli.set_threads(compose(["stage=generate", "threads=1", f"paths.outputs={tmp_path}"]))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -206,7 +206,7 @@ def engine_threads(cfg: DictConfig) -> int | str | None:
     """The compute threads of the sampler: torch's (hf; None: read from torch), or vLLM-CPU's worker binding."""
     if cfg.sampler.backend != "vllm":
         return None
-    return os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto (vLLM-CPU binds its worker to the cores)")
+    return "VLLM_CPU_OMP_THREADS_BIND=" + os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
 
 
 def check(cfg: DictConfig) -> None:
