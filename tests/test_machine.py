@@ -49,21 +49,22 @@ def test_cpu_times_and_threads_beside_busy_processes():
 def test_a_stage_uses_the_cpus_no_other_process_keeps_busy(compose, tmp_path, monkeypatch, capsys):
     import torch
 
-    import tsalign.cli
     import tsalign.engines.machine as machine_module
+    import tsalign.stages.engine_pick
+    from tsalign.stages.engine_pick import set_threads
 
     before = torch.get_num_threads()
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-    monkeypatch.setattr(tsalign.cli.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(tsalign.stages.engine_pick.os, "sched_getaffinity", lambda pid: {0, 1})
     try:
         monkeypatch.setattr(machine_module, "busy_cpus", lambda: 1.0)
-        tsalign.cli.set_threads(compose(["stage=generate", f"paths.outputs={tmp_path}"]))
+        set_threads(compose(["stage=generate", f"paths.outputs={tmp_path}"]))
         assert torch.get_num_threads() == 1 and "threads: 1 of 2 CPUs" in capsys.readouterr().out
-        assert "VLLM_CPU_OMP_THREADS_BIND" not in tsalign.cli.os.environ  # busy: vLLM's own binding kept
+        assert "VLLM_CPU_OMP_THREADS_BIND" not in tsalign.stages.engine_pick.os.environ  # busy: vLLM's own binding kept
         monkeypatch.setattr(machine_module, "busy_cpus", lambda: 0.1)
-        tsalign.cli.set_threads(compose(["stage=generate", f"paths.outputs={tmp_path}"]))
-        assert torch.get_num_threads() == 2 and tsalign.cli.os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0,1"
-        tsalign.cli.set_threads(compose(["stage=generate", "threads=1", f"paths.outputs={tmp_path}"]))
+        set_threads(compose(["stage=generate", f"paths.outputs={tmp_path}"]))
+        assert torch.get_num_threads() == 2 and tsalign.stages.engine_pick.os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0,1"
+        set_threads(compose(["stage=generate", "threads=1", f"paths.outputs={tmp_path}"]))
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

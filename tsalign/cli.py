@@ -89,40 +89,12 @@ def configure(cfg: DictConfig) -> DictConfig:
     note = narrow_visible_gpus(str(cfg.stage), stage is not None and stage.trains)  # before CUDA starts
     if note:
         print(note)
-    set_threads(cfg)
-    if str(cfg.stage) in SAMPLING:
-        from tsalign.stages.engine_pick import resolve_auto_sampler
+    from tsalign.stages.engine_pick import SAMPLING, resolve_auto_sampler, set_threads
 
+    set_threads(cfg)  # the CPUs no other process keeps busy, unless threads=N
+    if str(cfg.stage) in SAMPLING:
         resolve_auto_sampler(cfg)  # sampler=auto: the engine every stage of this run samples with
     return cfg
-
-
-def set_threads(cfg: DictConfig) -> None:
-    """torch's CPU threads: `threads=N`, else the CPUs no other process keeps busy now (all of them on a quiet machine);
-    on a quiet machine vLLM-CPU's worker is bound to all of them too (VLLM_CPU_OMP_THREADS_BIND, unless set)."""
-    import torch
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-        return
-    if str(cfg.stage) in ("status", "report", "plan"):  # views: nothing to compute, no time to measure
-        return
-    from tsalign.engines.machine import busy_cpus, threads_for
-
-    cpus = sorted(os.sched_getaffinity(0))
-    busy = busy_cpus()
-    n = threads_for(len(cpus), busy)
-    if n < len(cpus):
-        print(f"[tsalign] threads: {n} of {len(cpus)} CPUs (other processes keep {busy:.1f} busy: a thread sharing a "
-              "core stalls the others; threads=N sets it)")
-    elif str(cfg.stage) in SAMPLING and len(cpus) > 1 and cfg.sampler.tensor_parallel_size == 1:
-        # vLLM-CPU's "auto" keeps a CPU free for its other processes: on 2 CPUs its worker gets one, 188 tok/s against
-        # 251 bound to both (alone; beside a busy process auto keeps 0.86 of its speed, both 0.55: hence idle only)
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
-    torch.set_num_threads(n)
-
-
-SAMPLING = ("generate", "evaluate", "pdistill", "loop", "plan")  # stage= values that sample, or plan what samples
 
 
 def show_status(cfg: DictConfig) -> None:

@@ -81,6 +81,8 @@ def audit_prompt(candidates: list[int], teacher: dict[int, float], student: list
 def _mean_interval(values: list[float], confidence: float, seed: int) -> tuple[float | None, float | None, float | None]:
     if not values:
         return None, None, None
+    if len(values) < 2:  # one prompt has no spread to resample: no interval rather than a point shown as one
+        return values[0], None, None
     low, high = bootstrap_interval(values, confidence=confidence, seed=seed)
     return statistics.fmean(values), low, high
 

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 NATIVE_BF16 = ("avx512_bf16", "amx_bf16")
-CALIBRATION = {"prompts": 4, "k": 2, "max_new_tokens": 64}  # ~512 tokens per engine: seconds, not minutes
+CALIBRATION = {"prompts": 8, "k": 4, "max_new_tokens": 32}  # 32 sequences at once as a stage batches them; ~1k tokens
 
 
 @dataclass(frozen=True)

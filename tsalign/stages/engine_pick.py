@@ -1,4 +1,7 @@
-"""sampler=auto on a config: the engine of tsalign.engines.engine_choice written into cfg.sampler (backend, dtype)
+"""The engines a run computes with, picked for this machine: torch's threads (the CPUs no other process keeps busy)
+and, for sampler=auto, the sampling engine.
+
+sampler=auto on a config: the engine of tsalign.engines.engine_choice written into cfg.sampler (backend, dtype)
 before a stage plans, so every reader of the config (checks, the plan, generate, evaluate) sees the engine that runs.
 
     tsalign stage=generate sampler=auto      # make run's default; the choice and why are printed and in the manifest
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 from omegaconf import DictConfig
 
@@ -92,3 +96,32 @@ def resolve_auto_sampler(cfg: DictConfig) -> Choice | None:
     CHOSEN["sampler"] = choice
     say(f"[tsalign] sampler=auto -> {choice.backend} ({choice.dtype}): {choice.why}")
     return choice
+
+
+# stage= values that sample, or plan what samples: they resolve sampler=auto
+SAMPLING = ("generate", "evaluate", "pdistill", "loop", "plan")
+
+
+def set_threads(cfg: DictConfig) -> None:
+    """torch's CPU threads: `threads=N`, else the CPUs no other process keeps busy now (all of them on a quiet machine);
+    on a quiet machine vLLM-CPU's worker is bound to all of them too (VLLM_CPU_OMP_THREADS_BIND, unless set)."""
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+        return
+    if str(cfg.stage) in ("status", "report"):  # views: nothing to compute, no time to measure
+        return
+    from tsalign.engines.machine import busy_cpus, threads_for
+
+    cpus = sorted(os.sched_getaffinity(0))
+    busy = busy_cpus()
+    n = threads_for(len(cpus), busy)
+    if n < len(cpus):
+        print(f"[tsalign] threads: {n} of {len(cpus)} CPUs (other processes keep {busy:.1f} busy: a thread sharing a "
+              "core stalls the others; threads=N sets it)")
+    elif str(cfg.stage) in SAMPLING and len(cpus) > 1 and cfg.sampler.tensor_parallel_size == 1:
+        # vLLM-CPU's "auto" keeps a CPU free for its other processes: on 2 CPUs its worker gets one, 188 tok/s against
+        # 251 bound to both (alone; beside a busy process auto keeps 0.86 of its speed, both 0.55: hence idle only)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
+    torch.set_num_threads(n)
