@@ -294,14 +294,15 @@ def warnings_html(lines: list[str]) -> str:
     return f"<div class='warn'><h2>Left out or changed since</h2><ul>{items}</ul></div>"
 
 
-def render(experiment: Path) -> str:
+def render(experiment: Path, warnings: list[str]) -> str:
+    """The page; `warnings`: what it leaves out or cannot vouch for (summary.problems), shown at the top."""
     records = [iteration_record(experiment, t) for t in iterations(experiment)]
     rows = [summary_row(r) for r in records]
     title = f"TS-Align report: {experiment.name}"
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
              f"<style>{STYLE}</style></head><body><h1>{esc(title)}</h1>",
              f"<p class='note'>{esc(experiment)}<br>{models_line(records)}</p>",
-             warnings_html(problems(experiment, records))]
+             warnings_html(warnings)]
     if not rows:
         return "".join(parts) + "<p>No iteration has started yet.</p></body></html>"
     parts += ["<h2>Summary across iterations</h2>", summary_html(records),
@@ -321,9 +322,10 @@ def write_report(experiment_dir: Path) -> Path:
     """Write <experiment>/report.html (atomically) and return its path. What it leaves out (a deleted
     iteration, outputs changed since their stage finished) is said at the top of the page and printed."""
     experiment = Path(experiment_dir)
-    path = atomic_write_text(experiment / REPORT, render(experiment))
-    records = [iteration_record(experiment, t) for t in iterations(experiment)]
-    for line in problems(experiment, records):
+    # checked once: a changed output is re-hashed to tell, which for a checkpoint takes seconds
+    warnings = problems(experiment, [iteration_record(experiment, t) for t in iterations(experiment)])
+    path = atomic_write_text(experiment / REPORT, render(experiment, warnings))
+    for line in warnings:
         print(f"[report] warning: {line}")
     return path
 
