@@ -1,6 +1,8 @@
 """Speed of the embedded default's building blocks on this machine (prints figures; asserts nothing).
 
     python benchmarks/generate_speed.py [--prompts 16] [--k 4] [--max-new-tokens 128]
+    python benchmarks/generate_speed.py --engines vllm --vllm-dtypes bfloat16,float32 --max-model-lens 1024,0
+    benchmarks/avx2_kernels/run .venv/bin/python benchmarks/generate_speed.py    # AVX2 kernels on this CPU
 
 Measures: SmolLM2 GGUF -> HF conversion (only if not cached yet), cached model load, tokens/s of the
 hf sampler and, when vLLM is installed (`make setup VLLM=1`), of the vLLM sampler on the same prompts,
@@ -30,7 +32,12 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--engines", default="hf,vllm")
+    ap.add_argument("--vllm-dtypes", default="bfloat16")
+    ap.add_argument("--max-model-lens", default="1024", help="vLLM's; 0 = the model's context (the stage's default)")
+    ap.add_argument("--no-scoring", action="store_true")
     args = ap.parse_args()
+    engines = args.engines.split(",")
     cache = Path(os.environ.get("TSALIGN_CACHE", Path.home() / ".cache" / "tsalign"))
 
     t0 = time.perf_counter()
@@ -42,10 +49,11 @@ def main() -> None:
 
     prompts = [p["messages"] for p in load_prompt_pool("alpaca_eval", cache)[: args.prompts]]
     params = SamplingParams(n=args.k, max_new_tokens=args.max_new_tokens, seed=0)
-    rows = [("hf", dict(batch_size=args.batch_size))]
-    if importlib.util.find_spec("vllm"):
-        rows.append(("vllm", dict(dtype="bfloat16", max_model_len=1024)))
-    else:
+    rows = [("hf", dict(batch_size=args.batch_size))] if "hf" in engines else []
+    if "vllm" in engines and importlib.util.find_spec("vllm"):
+        rows += [("vllm", dict(dtype=dtype, max_model_len=int(length) or None))
+                 for dtype in args.vllm_dtypes.split(",") for length in args.max_model_lens.split(",")]
+    elif "vllm" in engines:
         print("vllm sampler: not installed (`make setup VLLM=1`), skipped")
     from tsalign.engines.machine import machine, machine_line
 
@@ -60,9 +68,12 @@ def main() -> None:
         dt = time.perf_counter() - t0
         sampler.close()
         tokens = sum(c.num_tokens for group in out for c in group)
-        print(f"  {backend:5s} sampler: {tokens} tokens in {dt:.1f} s = {tokens / dt:6.1f} tok/s; start {start:.1f} s; "
+        shown = backend if backend == "hf" else f"vllm {options['dtype']} max_model_len={options['max_model_len']}"
+        print(f"  {shown} sampler: {tokens} tokens in {dt:.1f} s = {tokens / dt:6.1f} tok/s; start {start:.1f} s; "
               f"{tokens / (dt + start):6.1f} tok/s with the start")
 
+    if args.no_scoring or not rows:
+        return
     scorer = make_scorer("reward_model", resolve_model_dir(STUDENT, cache), max_length=256, batch_size=32)
     texts = [[c.text for c in group] for group in out]
     t0 = time.perf_counter()

@@ -11,6 +11,7 @@ import pytest
 
 import tsalign.stages.engine_pick as engine_pick
 from tsalign.engines.engine_choice import (
+    Work,
     calibration_file,
     calibration_key,
     choose,
@@ -39,23 +40,38 @@ def test_bfloat16_only_where_the_cpu_computes_it_natively():
 
 
 def test_without_a_calibration_the_instruction_sets_decide():
-    assert choose(AVX2, True, False, "float32", 8192).backend == "hf"
-    assert pair(choose(AVX512, True, False, "float32", 8192)) == ("vllm", "float32")
-    amx = choose(AMX, True, False, "float32", 8192)
+    work = Work(3, 8192)
+    assert choose(AVX2, True, False, "float32", work).backend == "hf"
+    assert pair(choose(AVX512, True, False, "float32", work)) == ("vllm", "float32")
+    amx = choose(AMX, True, False, "float32", work)
     assert (amx.backend, amx.dtype) == ("vllm", "bfloat16") and "not measured" in amx.why
-    assert choose(AMX, False, False, "float32", 8192).backend == "hf"  # vLLM not installed
-    assert pair(choose(AVX2, True, True, "bfloat16", 8192)) == ("vllm", "bfloat16")  # a GPU
+    assert choose(AMX, False, False, "float32", work).backend == "hf"  # vLLM not installed
+    assert pair(choose(AVX2, True, True, "bfloat16", work)) == ("vllm", "bfloat16")  # a GPU
 
 
-def test_a_calibration_decides_by_the_expected_time_of_the_stages_tokens():
+def test_a_calibration_decides_by_the_expected_time_of_an_iterations_sampling():
     # the AVX2 EPYC of issue 25: hf 57 tok/s, vLLM 17 tok/s -> hf whatever the size
-    slow_vllm = choose(AVX2, True, False, "float32", 100_000, measured(57, 17, dtype="float32"))
+    slow_vllm = choose(AVX2, True, False, "float32", Work(1, 100_000), measured(57, 17, dtype="float32"))
     assert slow_vllm.backend == "hf" and "hf 57 tok/s" in slow_vllm.why and "vLLM float32 17 tok/s" in slow_vllm.why
     # vLLM twice as fast but 20 s to start: it pays for 8192 tokens (2 + 8192/100 = 84 s vs 20 + 8192/200 = 61 s) ...
     fast = measured(100, 200)
-    assert pair(choose(AMX, True, False, "float32", 8192, fast)) == ("vllm", "bfloat16")
-    # ... not for 1024 (12 s vs 25 s)
-    assert choose(AMX, True, False, "float32", 1024, fast).backend == "hf"
+    assert pair(choose(AMX, True, False, "float32", Work(1, 8192), fast)) == ("vllm", "bfloat16")
+    # ... not for 1024 (12 s vs 25 s), nor with three engine starts (6 + 82 = 88 s vs 60 + 41 = 101 s)
+    assert choose(AMX, True, False, "float32", Work(1, 1024), fast).backend == "hf"
+    assert choose(AMX, True, False, "float32", Work(3, 8192), fast).backend == "hf"
+    # AVX2 kernels on the Xeon of BENCHMARKS.md (make run's iteration: 3 starts, 20480 tokens): hf 90 tok/s, vLLM
+    # float32 105 tok/s but 22 s per start: hf (230 s vs 261 s)
+    emulated = {"hf": {"start_s": 0.3, "tokens_per_s": 90}, "vllm": {"start_s": 22, "tokens_per_s": 105},
+                "vllm_dtype": "float32"}
+    assert choose(AVX2, True, False, "float32", Work(3, 20480), emulated).backend == "hf"
+
+
+def test_an_iterations_sampling_counts_generate_and_evaluate(compose, tmp_path):
+    cfg = compose(["data.prompts_per_iteration=16", "generate.num_candidates=4", "data.eval_prompts=32",
+                   "sampler.max_new_tokens=128", f"paths.outputs={tmp_path}"])
+    assert engine_pick.planned_work(cfg) == Work(3, (16 * 4 + 3 * 32) * 128)  # make run: 20480 tokens
+    cfg.evaluate.control, cfg.data.max_prompts = False, 8
+    assert engine_pick.planned_work(cfg) == Work(3, (8 * 4 + 2 * 32) * 128)
 
 
 def test_the_calibration_file_is_per_machine_model_and_engine_versions(tmp_path):

@@ -24,6 +24,44 @@ def test_cpu_info_reads_the_model_and_the_isa_flags_that_matter():
     assert cpu_info("")["isa"] == [] and "no AVX2" in machine_line({**cpu_info(""), "cpus": 1, "threads": 1})
 
 
+XEON = """model name\t: Intel(R) Xeon(R) Processor
+cpu family\t: 6
+model\t\t: 167
+flags\t\t: fma avx2 avx512f avx512bw avx512_bf16 amx_bf16
+"""
+
+
+def test_library_switches_below_avx512_take_its_flags_out(monkeypatch):
+    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    assert cpu_info(XEON)["isa"] == ["avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16"]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "DEFAULT")  # oneDNN's DEFAULT: no limit
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx512")
+    assert "isa_limit" not in cpu_info(XEON) and "amx_bf16" in cpu_info(XEON)["isa"]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    info = cpu_info(XEON)
+    assert info["isa"] == ["avx2", "fma"] and info["isa_limit"] == "ONEDNN_MAX_CPU_ISA=AVX2"
+    assert machine_line({**info, "cpus": 2, "threads": 2}).endswith("avx2 fma (kernels limited: ONEDNN_MAX_CPU_ISA=AVX2)")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")  # ATen's default: no SIMD at all
+    assert cpu_info(XEON)["isa_limit"] == "ATEN_CPU_CAPABILITY=default"
+
+
+def test_the_avx2_kernels_runner_limits_torch_onednn_and_vllms_probes():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    runner = Path(__file__).resolve().parents[1] / "benchmarks" / "avx2_kernels" / "run"
+    code = ("import torch; from tsalign.engines.machine import machine, machine_line; "
+            "print(torch.backends.cpu.get_cpu_capability(), torch.cpu._is_avx512_supported(), "
+            "torch.cpu._is_amx_tile_supported()); print(machine_line(machine()))")
+    out = subprocess.run([str(runner), sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    probes, line = out.stdout.splitlines()
+    assert probes == "AVX2 False False" and "avx512" not in line.split("(kernels")[0] and "kernels limited" in line
+
+
 def test_this_machine_is_described():
     record = machine(threads=3)
     assert record["threads"] == 3 and record["cpus"] >= 1 and record["cpu"]

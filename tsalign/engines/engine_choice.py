@@ -6,8 +6,8 @@ need AVX-512 (and AVX512_BF16 or AMX for bfloat16); without them it falls back t
 2-core AMD EPYC with AVX2 only: 17 tok/s against transformers' 57). So the vLLM candidate runs in bfloat16 only where
 the CPU computes it natively (float32 elsewhere), and a short calibration (both engines on a few prompts: engine start
 and tokens/s) is cached per (machine, model, engine versions) under <cache>/engine_choice/. The choice is the engine
-with the shorter expected time for the stage's tokens (start + tokens / speed); without a calibration (calibrate=False)
-the instruction sets decide alone.
+with the shorter expected time for an iteration's sampling (engine starts x start + tokens / speed, Work); without a
+calibration (calibrate=False) the instruction sets decide alone.
 """
 
 from __future__ import annotations
@@ -22,6 +22,14 @@ from pathlib import Path
 
 NATIVE_BF16 = ("avx512_bf16", "amx_bf16")
 CALIBRATION = {"prompts": 8, "k": 4, "max_new_tokens": 32}  # 32 sequences at once as a stage batches them; ~1k tokens
+
+
+@dataclass(frozen=True)
+class Work:
+    """What an iteration samples: engine starts (each a model load; vLLM's ~20 s on a CPU) and tokens."""
+
+    starts: int
+    tokens: int
 
 
 @dataclass(frozen=True)
@@ -67,24 +75,25 @@ def read_calibration(path: Path, key: str) -> dict | None:
     return entry if ok else None
 
 
-def expected_seconds(measured: dict, tokens: int) -> float:
-    return measured["start_s"] + tokens / measured["tokens_per_s"]
+def expected_seconds(measured: dict, work: Work) -> float:
+    return work.starts * measured["start_s"] + work.tokens / measured["tokens_per_s"]
 
 
-def choose(isa: list[str], vllm_installed: bool, gpu: bool, policy_dtype: str, tokens: int,
+def choose(isa: list[str], vllm_installed: bool, gpu: bool, policy_dtype: str, work: Work,
            measured: dict | None = None) -> Choice:
-    """The engine for sampling `tokens` tokens. `measured`: a calibration entry ({"hf": {...}, "vllm": {...}} with
-    start_s and tokens_per_s each, "vllm_dtype"), or None: the instruction sets decide."""
+    """The engine for `work`. `measured`: a calibration entry ({"hf": {...}, "vllm": {...}} with start_s and
+    tokens_per_s each, "vllm_dtype"), or None: the instruction sets decide."""
     if not vllm_installed:
         return Choice("hf", policy_dtype, "vLLM is not installed (`make setup VLLM=1`)")
     if gpu:
         return Choice("vllm", policy_dtype, "a CUDA GPU with vLLM installed")
     dtype = vllm_dtype(isa)
     if measured is not None:
-        hf, vllm = expected_seconds(measured["hf"], tokens), expected_seconds(measured["vllm"], tokens)
+        hf, vllm = expected_seconds(measured["hf"], work), expected_seconds(measured["vllm"], work)
         figures = (f"measured here: hf {measured['hf']['tokens_per_s']:.0f} tok/s, start {measured['hf']['start_s']:.0f} "
                    f"s; vLLM {measured['vllm_dtype']} {measured['vllm']['tokens_per_s']:.0f} tok/s, start "
-                   f"{measured['vllm']['start_s']:.0f} s; {tokens} tokens: {hf:.0f} s vs {vllm:.0f} s")
+                   f"{measured['vllm']['start_s']:.0f} s; an iteration's {work.starts} engine starts and {work.tokens} "
+                   f"tokens: {hf:.0f} s vs {vllm:.0f} s")
         if vllm < hf:
             return Choice("vllm", measured["vllm_dtype"], figures)
         return Choice("hf", policy_dtype, figures)

@@ -14,10 +14,25 @@ from pathlib import Path
 
 # the flags that change which CPU kernels torch, oneDNN and vLLM-CPU use, in the order they are shown
 ISA = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
+# the libraries' own switches that keep their kernels below what the CPU has (torch's ATen dispatch, oneDNN): with one
+# set to AVX2, the AVX-512 and AMX flags pick nothing (benchmarks/avx2_kernels runs a command that way)
+BELOW_AVX512 = {  # per switch, its values under AVX-512 (oneDNN's DEFAULT means no limit, ATen's means no SIMD)
+    "ATEN_CPU_CAPABILITY": {"default", "avx2"},
+    "ONEDNN_MAX_CPU_ISA": {"sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2"},
+}
+
+
+def isa_limit(env=os.environ) -> str | None:
+    """`ONEDNN_MAX_CPU_ISA=AVX2` when a library switch keeps kernels below AVX-512, else None."""
+    for name, values in BELOW_AVX512.items():
+        if env.get(name, "").strip().lower() in values:
+            return f"{name}={env[name].strip()}"
+    return None
 
 
 def cpu_info(text: str | None = None) -> dict:
-    """CPU model, family/model numbers and the ISA flags of interest, from /proc/cpuinfo (`text`: its content)."""
+    """CPU model, family/model numbers and the ISA flags of interest, from /proc/cpuinfo (`text`: its content);
+    without AVX-512 / AMX when isa_limit() keeps the kernels below them."""
     if text is None:
         try:
             text = Path("/proc/cpuinfo").read_text()
@@ -28,9 +43,11 @@ def cpu_info(text: str | None = None) -> dict:
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())  # the first processor's
     flags = set(fields.get("flags", "").split())
-    return {"cpu": fields.get("model name") or platform.processor() or platform.machine(),
+    limit = isa_limit()
+    info = {"cpu": fields.get("model name") or platform.processor() or platform.machine(),
             "cpu_family": fields.get("cpu family"), "cpu_model": fields.get("model"),
-            "isa": [f for f in ISA if f in flags]}
+            "isa": [f for f in ISA if f in flags and not (limit and f.startswith(("avx512", "amx")))]}
+    return {**info, "isa_limit": limit} if limit else info
 
 
 def machine(threads: int | str | None = None) -> dict:
@@ -50,6 +67,8 @@ def machine_line(record: dict) -> str:
     """`Intel(R) Xeon(R) Processor (model 167), 2 CPUs, 2 threads, avx2 avx512f ... amx_bf16`."""
     model = f" (family {record.get('cpu_family')} model {record.get('cpu_model')})" if record.get("cpu_model") else ""
     isa = " ".join(record.get("isa") or []) or "no AVX2"
+    if record.get("isa_limit"):
+        isa += f" (kernels limited: {record['isa_limit']})"
     threads = record.get("threads")
     threads = f"{threads} threads" if isinstance(threads, int) else f"threads: {threads}"
     return f"{record.get('cpu')}{model}, {record.get('cpus')} CPUs, {threads}, {isa}"

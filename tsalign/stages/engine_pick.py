@@ -23,6 +23,7 @@ from tsalign.artifacts.store import atomic_write_json
 from tsalign.engines.engine_choice import (
     CALIBRATION,
     Choice,
+    Work,
     calibration_file,
     calibration_key,
     choose,
@@ -38,11 +39,16 @@ from tsalign.stages.lineage import base_model_dir, prompt_pool
 CHOSEN: dict[str, Choice] = {}  # this process's choice, for generate's manifest
 
 
-def planned_tokens(cfg: DictConfig) -> int:
+def planned_work(cfg: DictConfig) -> Work:
+    """An iteration's sampling, as its first one does it (every stage of a loop then picks the same engine): generate
+    (one engine, K answers per prompt) and evaluate (the base policy's engine for its answers and the control's, the
+    new policy's for its own)."""
     d, prompts = cfg.data, cfg.data.prompts_per_iteration
     if d.max_prompts:
         prompts = min(prompts, d.max_prompts)
-    return prompts * cfg.generate.num_candidates * cfg.sampler.max_new_tokens
+    answer_sets = 3 if cfg.evaluate.control else 2
+    return Work(starts=3, tokens=(prompts * cfg.generate.num_candidates + answer_sets * d.eval_prompts)
+                * cfg.sampler.max_new_tokens)
 
 
 def with_engine(cfg: DictConfig, backend: str, dtype: str | None) -> DictConfig:
@@ -90,7 +96,7 @@ def resolve_auto_sampler(cfg: DictConfig) -> Choice | None:
     record = machine()
     installed, gpu = importlib.util.find_spec("vllm") is not None, pick_device(cfg.device) == "cuda"
     measured = measured_choice_input(cfg, record) if installed and not gpu and cfg.sampler.calibrate else None
-    choice = choose(record["isa"], installed, gpu, str(cfg.policy.dtype), planned_tokens(cfg), measured)
+    choice = choose(record["isa"], installed, gpu, str(cfg.policy.dtype), planned_work(cfg), measured)
     cfg.sampler.backend = choice.backend
     cfg.sampler.dtype = choice.dtype if choice.backend == "vllm" else None
     CHOSEN["sampler"] = choice
