@@ -108,3 +108,22 @@ def test_a_stage_uses_the_cpus_no_other_process_keeps_busy(compose, tmp_path, mo
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_freed_memory_is_kept_for_reuse_unless_the_user_chose_an_allocator():
+    """glibc's mmap and trim thresholds raised for this process and, through the environment, the ones it starts."""
+    import subprocess
+    import sys
+
+    from tsalign.engines.allocator import ENV, keep_freed_memory
+
+    code = ("import os; from tsalign.engines.allocator import ENV, keep_freed_memory; "
+            "print(keep_freed_memory(), all(os.environ.get(k) == v for k, v in ENV.items()))")
+    clean = {k: v for k, v in __import__("os").environ.items() if k not in ENV and k != "LD_PRELOAD"}
+    out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["True", "True"], out.stderr
+    mine = {**clean, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", code], env=mine, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["False", "False"], out.stderr  # the user's own threshold stays
+    environ = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}
+    assert keep_freed_memory(environ) is False and environ == {"LD_PRELOAD": environ["LD_PRELOAD"]}

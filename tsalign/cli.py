@@ -334,6 +334,9 @@ def main() -> None:
     # offline by default: nothing is fetched from a model hub at run time (set before transformers loads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from tsalign.engines.allocator import keep_freed_memory
+
+    keep_freed_memory()  # before tensors are allocated; stage processes and vLLM's inherit it
     register_configs()
     missing = missing_launcher(sys.argv[1:])
     if missing:
