@@ -266,3 +266,40 @@ def test_vllm_missing_says_pip_install(monkeypatch, tmp_path):
 def test_unknown_backend(tmp_path):
     with pytest.raises(ValueError, match="not a valid SamplerBackend"):
         make_sampler("tgi", tmp_path)
+
+
+def test_grouped_attention_on_a_padded_batch_matches_transformers_without_copying_heads(monkeypatch):
+    """hf sampling on a CPU hands grouped key/value heads to torch's SDPA with the padding mask (no repeat_kv):
+    the logits of a left-padded batch and a greedy continuation are those of transformers' own sdpa."""
+    import torch
+    import transformers.integrations.sdpa_attention as sdpa
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tsalign.engines.sampling.grouped_attention import NAME, use_grouped_attention
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 64, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :4] = 0  # left padding: the first sequence is 5 tokens long
+    copies = []
+    real_repeat = sdpa.repeat_kv
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda h, n: copies.append(n) or real_repeat(h, n))
+
+    def run():
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            greedy = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                    pad_token_id=0)
+        return logits, greedy
+
+    reference, reference_tokens = run()
+    assert copies, "transformers' sdpa no longer copies heads under a mask: grouped_attention may be removed"
+    copies.clear()
+    assert use_grouped_attention(model) and model.config._attn_implementation == NAME
+    logits, tokens = run()
+    assert copies == []
+    keep = mask.bool()
+    assert torch.allclose(logits[keep], reference[keep], atol=1e-5) and torch.equal(tokens, reference_tokens)

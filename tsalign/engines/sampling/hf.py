@@ -9,12 +9,14 @@ import torch
 
 from tsalign.engines.models import load_causal_lm, load_tokenizer
 from tsalign.engines.sampling.base import Completion, SamplingParams, chat_prompt_ids
+from tsalign.engines.sampling.grouped_attention import use_grouped_attention
 
 
 class HFSampler:
     def __init__(self, model_dir: Path, dtype: str = "float32", device: str = "cpu", batch_size: int = 16):
         self.tokenizer = load_tokenizer(model_dir, padding_side="left", chat=True)
         self.model = load_causal_lm(model_dir, dtype=dtype, device=device)
+        use_grouped_attention(self.model)  # no key/value head copies per decode step on a CPU
         self.device = device
         self.batch_size = batch_size
         eos = self.model.generation_config.eos_token_id
