@@ -4,7 +4,7 @@ A CPU decode step allocates and frees tensors of a few MB to tens of MB (the KV 
 for grouped-query attention). Above glibc's mmap threshold each one is a fresh mapping the kernel zero-fills page by
 page: 39 million minor page faults in one make run, and hf sampling of long prompts at 39 tok/s. With the threshold
 at glibc's ceiling (32 MB) and the trim threshold at twice it (what glibc's own dynamic threshold sets), the same
-prompts sample at 67 tok/s with a lower peak RSS (1.50 against 1.78 GB; BENCHMARKS.md "Per machine"). vLLM-CPU asks
+prompts sample at 64 tok/s with a lower peak RSS (1.49 against 1.78 GB; BENCHMARKS.md "Per machine"). vLLM-CPU asks
 for tcmalloc for the same reason.
 
     keep_freed_memory()   # this process (mallopt) and every process it starts (the environment glibc reads)

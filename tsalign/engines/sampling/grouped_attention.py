@@ -3,7 +3,7 @@
 With a padding mask (every left-padded batch of prompts) transformers copies a grouped-query model's key/value heads
 up to the query heads before calling torch (repeat_kv: SmolLM2's 3 heads to 9, the whole KV cache, every layer, every
 decode step), because CUDA's fast kernels take no mask with grouped heads. torch's CPU kernel takes both
-(enable_gqa): the same tokens, sampled faster (32 held-out prompts, one answer each, hf on 2 cores: 47.4 -> 42.2 s;
+(enable_gqa): the same tokens, sampled faster (32 held-out prompts, one answer each, hf on 2 cores: 47.4 -> 41.4 s;
 BENCHMARKS.md "Per machine").
 
     use_grouped_attention(model)   # a causal LM loaded with SDPA attention, on a CPU
