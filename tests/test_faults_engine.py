@@ -351,3 +351,27 @@ def test_ctrl_c_during_vllm_sampling_is_an_interrupt(tmp_path):
         assert not any(word in run.output for word in ("Traceback", "EngineDeadError", "engine failed")), \
             run.output[-4000:]
         assert gone_within(engine, 15) is not None, f"still running after tsalign ended: {running(engine)}"
+
+
+def test_an_interrupt_that_something_swallows_still_ends_tsalign():
+    """The clock behind Ctrl-C: code that catches KeyboardInterrupt and goes on (as a library may) is left after the
+    grace period with tsalign's line and exit 130; a second Ctrl-C does not wait for it."""
+    code = """
+import os, signal, sys, time
+from tsalign import interrupt
+interrupt.install(grace_s=float(sys.argv[1]))
+for _ in range(int(sys.argv[2])):
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(60)
+    except KeyboardInterrupt:
+        print("swallowed", flush=True)
+time.sleep(60)
+"""
+    for grace, interrupts in ((1.0, 1), (60.0, 2)):  # the clock; a second Ctrl-C
+        t0 = time.monotonic()
+        out = subprocess.run([sys.executable, "-c", code, str(grace), str(interrupts)], capture_output=True,
+                             text=True, timeout=60, env=cli_env())
+        assert out.returncode == 130 and out.stderr.strip().splitlines()[-1] == INTERRUPTED, out.stderr
+        assert out.stdout.split() == ["swallowed"] and "Traceback" not in out.stderr
+        assert time.monotonic() - t0 < 30

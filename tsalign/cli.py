@@ -26,6 +26,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from tsalign.config.schema import conf_dir, register_configs
 from tsalign.errors import TsalignError
+from tsalign.interrupt import INTERRUPTED
 from tsalign.views.tracking import check_tracker
 
 CONF_DIR = str(conf_dir())
@@ -143,7 +144,7 @@ def _main(cfg: DictConfig) -> None:
 
             run_stage(cfg, str(cfg.stage))
     except KeyboardInterrupt:
-        print("tsalign: interrupted; finished work is kept, rerun the same command to continue", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 -- what has no one-line form is re-raised: its traceback is the report
         line = one_line(e, cfg)
@@ -337,6 +338,9 @@ def main() -> None:
     from tsalign.engines.allocator import keep_freed_memory
 
     keep_freed_memory()  # before tensors are allocated; stage processes and vLLM's inherit it
+    from tsalign import interrupt
+
+    interrupt.install()  # Ctrl-C: KeyboardInterrupt, and an exit within seconds if something swallows it
     register_configs()
     missing = missing_launcher(sys.argv[1:])
     if missing:
