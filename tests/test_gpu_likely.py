@@ -5,6 +5,7 @@
 - pdistill: every model of an earlier phase is gone, and torch's CUDA cache emptied after it died, before
   the vLLM engine of the greedy answers starts (the engine counts only the device's free memory);
 - generate: a shard that finishes early waits for the others without NCCL's 10-minute collective timeout;
+- a launched process that did its work exits 0 (gloo's worker thread aborted the interpreter's teardown);
 - generate / evaluate: a vLLM engine on a GPU gets many prompt chunks per call, each chunk with its own seeds.
 
 This file is also the script the 2-process checks launch (`python -m accelerate.commands.launch ... <this file>`).
@@ -173,6 +174,7 @@ def probe_fsdp_reference(model_dir: str) -> None:
     dist.all_gather_object(seen, {"weights": weights, "logits": logits})
     if distributed.is_main():
         print(json.dumps(seen), flush=True)
+    distributed.finish()  # as tsalign.cli.main after a stage
 
 
 # ---------------------------------------------------------------- generate: early shards wait
@@ -222,6 +224,32 @@ def probe_shard_wait(mode: str) -> None:
         sys.exit(3)
     if distributed.is_main():
         print(json.dumps(results), flush=True)
+    distributed.finish()  # as tsalign.cli.main after a stage: without it, exit aborted 3 of 5 busy launches
+
+
+def test_a_launched_process_that_finished_exits_zero_after_its_exit_handlers():
+    """distributed.finish() ends the process without the interpreter's teardown (where gloo's worker thread
+    aborted it, SIGABRT after the work was done): the exit handlers (trackers', logging's) still run, on
+    every rank, and the launcher sees 0. Three launches: the abort it prevents came in 1 of 6 quiet ones."""
+    for _ in range(3):
+        done = launch_two("finish")
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert sorted(done.stdout.split()) == ["exit-handler-rank-0", "exit-handler-rank-1"], done.stdout
+
+
+def probe_finish() -> None:
+    import atexit
+
+    import torch.distributed as dist
+
+    from tsalign import distributed
+
+    atexit.register(lambda: print(f"exit-handler-rank-{distributed.rank()}", flush=True))
+    distributed.state()
+    seen = [None] * distributed.world_size()
+    dist.all_gather_object(seen, {"rank": distributed.rank()})
+    distributed.finish()
+    print("not reached: finish() ends the process", flush=True)
 
 
 # ---------------------------------------------------------------- vLLM on a GPU: many chunks per engine call
@@ -348,7 +376,7 @@ def test_the_real_engine_samples_grouped_chunks_as_it_samples_them_alone(tmp_pat
         sampler.close()
 
 
-PROBES = {"fsdp-reference": probe_fsdp_reference, "shard-wait": probe_shard_wait}
+PROBES = {"fsdp-reference": probe_fsdp_reference, "shard-wait": probe_shard_wait, "finish": probe_finish}
 
 if __name__ == "__main__":
     PROBES[sys.argv[1]](*sys.argv[2:])

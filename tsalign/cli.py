@@ -24,6 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from tsalign import distributed, interrupt
 from tsalign.config.schema import conf_dir, register_configs
 from tsalign.errors import TsalignError
 from tsalign.interrupt import INTERRUPTED
@@ -338,14 +339,13 @@ def main() -> None:
     from tsalign.engines.allocator import keep_freed_memory
 
     keep_freed_memory()  # before tensors are allocated; stage processes and vLLM's inherit it
-    from tsalign import interrupt
-
     interrupt.install()  # Ctrl-C: KeyboardInterrupt, and an exit within seconds if something swallows it
     register_configs()
     missing = missing_launcher(sys.argv[1:])
     if missing:
         fail(missing)
     _main()
+    distributed.finish()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 
 def world_size() -> int:
@@ -44,6 +45,30 @@ def state():
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+def finish() -> None:
+    """The end of a launched process that did its work: the process groups destroyed (torch documents
+    destroy_process_group at the end of a program), then the exit handlers run and the process ends without
+    the interpreter's teardown. Why not a plain return: gloo's worker thread releases the last collective's
+    tensors after the collective has returned, and that needs the GIL; a thread asking for the GIL while
+    CPython finalizes is ended by pthread_exit, which unwinds through C++ code that may not throw:
+    "terminate called without an active exception", SIGABRT, and the launcher reports finished work as a
+    failure (gdb: ProcessGroupGloo::runLoop -> ~AsyncAllgatherWork -> decref_pyobject -> take_gil ->
+    PyThread_exit_thread; 3 of 5 two-process launches on a busy 2-core machine). On the success path only:
+    an error already ends the process non-zero, and NCCL's teardown may wait on a rank that failed."""
+    if not launched():
+        return
+    import atexit
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    atexit._run_exitfuncs()  # what the interpreter's exit would run: trackers' and logging's handlers
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def collective_device():
