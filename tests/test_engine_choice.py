@@ -15,6 +15,7 @@ from tsalign.engines.engine_choice import (
     calibration_file,
     calibration_key,
     choose,
+    engine_code_digest,
     engine_versions,
     read_calibration,
     vllm_dtype,
@@ -84,6 +85,14 @@ def test_the_calibration_file_is_per_machine_model_and_engine_versions(tmp_path)
     path.write_text(json.dumps({"machine": machine, "entries": {key: measured(57, 17)}}))
     assert read_calibration(path, key)["hf"]["tokens_per_s"] == 57
     assert read_calibration(path, "other|vllm=0.33.0") is None  # another engine version: measured again
+    assert engine_versions()["tsalign-engines"] == engine_code_digest()  # tsalign's sampling code is in the key
+    code = tmp_path / "engines"
+    (code / "sampling").mkdir(parents=True)
+    (code / "sampling" / "hf.py").write_text("SPEED = 1\n")
+    before = engine_code_digest(code)
+    (code / "sampling" / "hf.py").write_text("SPEED = 2\n")
+    engine_code_digest.cache_clear()
+    assert engine_code_digest(code) != before  # an edit to tsalign's sampling code: measured again
     path.write_text("{not json")
     assert read_calibration(path, key) is None
 

