@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from tsalign.data import load_prompt_pool
+from tsalign.engines.allocator import keep_freed_memory
 from tsalign.engines.models import load_causal_lm, resolve_model_dir
 from tsalign.engines.sampling import SamplingParams, make_sampler
 from tsalign.engines.scoring import make_scorer
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--max-model-lens", default="1024", help="vLLM's; 0 = the model's context (the stage's default)")
     ap.add_argument("--no-scoring", action="store_true")
     args = ap.parse_args()
+    keep_freed_memory()  # as tsalign.cli.main does: the figures are the stages'
     engines = args.engines.split(",")
     cache = Path(os.environ.get("TSALIGN_CACHE", Path.home() / ".cache" / "tsalign"))
 
@@ -71,6 +73,9 @@ def main() -> None:
         shown = backend if backend == "hf" else f"vllm {options['dtype']} max_model_len={options['max_model_len']}"
         print(f"  {shown} sampler: {tokens} tokens in {dt:.1f} s = {tokens / dt:6.1f} tok/s; start {start:.1f} s; "
               f"{tokens / (dt + start):6.1f} tok/s with the start")
+        if backend == "hf":
+            print(f"    top-p: {sampler.stats['sorted_rows']} of {sampler.stats['drawn_rows']} draws needed the full "
+                  "vocabulary sort (nucleus past the top 256 tokens)")
 
     if args.no_scoring or not rows:
         return
