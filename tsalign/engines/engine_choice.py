@@ -5,9 +5,9 @@ On a GPU vLLM wins wherever it is installed. On a CPU it depends on the instruct
 need AVX-512 (and AVX512_BF16 or AMX for bfloat16); without them it falls back to slow paths (measured 2026-12-02 on a
 2-core AMD EPYC with AVX2 only: 17 tok/s against transformers' 57). So the vLLM candidate runs in bfloat16 only where
 the CPU computes it natively (float32 elsewhere), and a short calibration (both engines on a few prompts: engine start
-and tokens/s) is cached per (machine, model, engine versions, tsalign's engine code) under <cache>/engine_choice/. The choice is the engine
-with the shorter expected time for an iteration's sampling (engine starts x start + tokens / speed, Work); without a
-calibration (calibrate=False) the instruction sets decide alone.
+and tokens/s) is cached per (machine, model, engine versions, tsalign's engine code) under <cache>/engine_choice/.
+The choice is the engine with the shorter expected time for an iteration's sampling (engine starts x start + tokens /
+speed, Work); without a calibration (calibrate=False) the instruction sets decide alone.
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@ transformers' TopPLogitsWarper sorts all 49k logits of every sequence at every s
 exponential variate per vocabulary entry: 24 ms + 14 ms of a ~140 ms decode step at batch 16 on a 2-core CPU
 (torch profiler, SmolLM2-135M). The nucleus is almost always among the few hundred most likely tokens, so it is
 found among the top `candidates` (torch.topk), with the full sort kept for any row whose top candidates hold less
-than top_p of the mass: the kept set is top-p's, exactly. The token is drawn among the kept ones only.
+than top_p of the mass: the kept set is top-p's (to float rounding at its edge). The token is drawn among the kept
+ones only.
 
-Used as the last logits processor of a greedy generate (`NucleusSampler.greedy_kwargs`): it draws the token and
-returns scores that are -inf everywhere else, so greedy's argmax takes the drawn token. Same distribution as
+hf.py uses it as the last logits processor of a greedy generate (do_sample=False): it draws the token and returns
+scores that are -inf everywhere else, so greedy's argmax takes the drawn token. Same distribution as
 do_sample=True with temperature and top_p; another random stream (the draws are over the nucleus, not the vocabulary).
 """
 
