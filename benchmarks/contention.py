@@ -69,7 +69,7 @@ def main() -> None:
             try:
                 if backend == "hf":
                     torch.set_num_threads(knob["threads"])
-                    tok_s, start = run("hf", model_dir, prompts, params, dtype="float32", batch_size=16)
+                    tok_s, start = run("hf", model_dir, prompts, params, dtype="float32")
                 else:
                     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = knob["bind"]
                     tok_s, start = run("vllm", model_dir, prompts, params, dtype="bfloat16", max_model_len=1024)

@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=64, help="hf: sequences per call at most (the sampler's default)")
     ap.add_argument("--engines", default="hf,vllm")
     ap.add_argument("--vllm-dtypes", default="bfloat16")
     ap.add_argument("--max-model-lens", default="1024", help="vLLM's; 0 = the model's context (the stage's default)")

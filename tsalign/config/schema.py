@@ -154,7 +154,7 @@ class SamplerConfig:
     top_p: float = 0.95
     max_new_tokens: int = 128
     max_prompt_tokens: int = 512  # longer prompts are cut from the left (recorded per candidate)
-    batch_size: int = 16  # hf: sequences per generate() call
+    batch_size: int = 64  # hf: sequences per generate() call at most (engines/sampling/batching.py splits them)
     # vllm only
     dtype: Dtype | None = None  # the engine's dtype; null = policy.dtype (vLLM-CPU is fastest in bfloat16)
     tensor_parallel_size: int = 1

@@ -8,7 +8,7 @@ from tsalign.config.choices import SamplerBackend
 from tsalign.engines.sampling.base import Completion, Sampler, SamplingParams
 
 
-def make_sampler(backend: str, model_dir: Path, dtype: str = "float32", device: str = "cpu", batch_size: int = 16,
+def make_sampler(backend: str, model_dir: Path, dtype: str = "float32", device: str = "cpu", batch_size: int = 64,
                  seed: int = 0, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
                  max_model_len: int | None = None, enforce_eager: bool | None = None,
                  kv_cache_gib: float | None = None) -> Sampler:

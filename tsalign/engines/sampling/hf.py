@@ -1,5 +1,6 @@
-"""Batched transformers generate: chat template, left padding, prompts sorted by length; temperature + top-p drawn
-by tsalign.engines.sampling.nucleus (no vocabulary sort per step)."""
+"""Batched transformers generate: chat template, left padding, calls of prompts of similar length (batching.py), each
+prompt prefilled once for its K samples; temperature + top-p drawn by tsalign.engines.sampling.nucleus (no vocabulary
+sort per step)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,36 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessorList
 
 from tsalign.engines.models import load_causal_lm, load_tokenizer
+from tsalign.engines.sampling.batching import CallCost, length_batches
 from tsalign.engines.sampling.base import Completion, SamplingParams, chat_prompt_ids
 from tsalign.engines.sampling.grouped_attention import use_grouped_attention
 from tsalign.engines.sampling.nucleus import NucleusSampler
 
 
+def call_cost(model) -> CallCost:
+    """The time model of a generate call (batching.py) from the model's size and key/value shape; on a GPU a decode
+    step costs about the same for any row count at these sizes, so the fewest calls win."""
+    if model.device.type != "cpu":
+        return CallCost(step_s=1.0, token_s=0.0, position_s=0.0)
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    width = model.dtype.itemsize
+    return CallCost.of(model.num_parameters(), width, config.num_hidden_layers * 2 * kv_heads * head_dim * width)
+
+
 class HFSampler:
-    def __init__(self, model_dir: Path, dtype: str = "float32", device: str = "cpu", batch_size: int = 16):
+    def __init__(self, model_dir: Path, dtype: str = "float32", device: str = "cpu", batch_size: int = 64):
         self.tokenizer = load_tokenizer(model_dir, padding_side="left", chat=True)
         self.model = load_causal_lm(model_dir, dtype=dtype, device=device)
         use_grouped_attention(self.model)  # no key/value head copies per decode step on a CPU
         self.device = device
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # sequences per generate call at most; batching.py splits by expected time
+        self.cost = call_cost(self.model)
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self.stop_ids = set(eos) | {self.tokenizer.eos_token_id} - {None}
@@ -37,23 +53,23 @@ class HFSampler:
     @torch.no_grad()
     def generate(self, prompts: list[list[dict]], params: SamplingParams) -> list[list[Completion]]:
         encoded = [chat_prompt_ids(self.tokenizer, m, params.max_prompt_tokens) for m in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i][0]))
         sample = params.temperature > 0
         n = params.n if sample else 1  # greedy: one decode per prompt, copied K times
-        per_call = max(1, self.batch_size // n)  # prompts per generate() call
         results: list[list[Completion] | None] = [None] * len(prompts)
-        chunks = [order[i : i + per_call] for i in range(0, len(order), per_call)]
+        chunks = length_batches([len(ids) for ids, _ in encoded], n, self.batch_size, params.max_new_tokens, self.cost)
         for chunk_no, chunk in enumerate(chunks):
             # each prompt n times, as transformers' num_return_sequences expands them before the prefill
-            batch = self.tokenizer.pad({"input_ids": [encoded[i][0] for i in chunk for _ in range(n)]},
-                                       return_tensors="pt")
+            batch = self.tokenizer.pad({"input_ids": [encoded[i][0] for i in chunk]}, return_tensors="pt")
             batch = {k: v.to(self.device) for k, v in batch.items()}
+            cache = self._prompt_cache(batch, n)  # each prompt's prefill once, its key/values copied n times
+            batch = {k: v.repeat_interleave(n, dim=0) for k, v in batch.items()}
             torch.manual_seed(params.seed * 100_003 + chunk_no)  # reproducible per run seed
             # sampling is the last logits processor of a greedy decode (nucleus.py: no vocabulary sort per step)
             draw = LogitsProcessorList([NucleusSampler(params.temperature, params.top_p)] if sample else [])
             t0 = time.perf_counter()
             out = self.model.generate(
-                **batch, do_sample=False, temperature=None, top_p=None, top_k=None, logits_processor=draw,
+                **batch, past_key_values=cache, do_sample=False, temperature=None, top_p=None, top_k=None,
+                logits_processor=draw,
                 max_new_tokens=params.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
             )
             self.stats["generate_s"] += time.perf_counter() - t0
@@ -66,6 +82,20 @@ class HFSampler:
                 results[i] = [self._decode(r, encoded[i][1]) for r in rows]
                 self.stats["generated_tokens"] += sum(c.num_tokens for c in results[i])
         return results  # type: ignore[return-value]
+
+    def _prompt_cache(self, batch: dict, n: int) -> DynamicCache | None:
+        """The key/value cache of every prompt token but the last, computed once per prompt and repeated for its n
+        samples; generate then prefills only the last token (its logits draw the first answer token). transformers
+        would prefill each prompt n times (num_return_sequences expands the prompts first). None: nothing to share."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if n == 1 or ids.shape[1] < 2:
+            return None
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: as generate numbers them
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                   past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(n)
+        return cache
 
     def close(self) -> None:
         del self.model
