@@ -11,8 +11,8 @@ import torch
 from transformers import DynamicCache, LogitsProcessorList
 
 from tsalign.engines.models import load_causal_lm, load_tokenizer
-from tsalign.engines.sampling.batching import CallCost, length_batches
 from tsalign.engines.sampling.base import Completion, SamplingParams, chat_prompt_ids
+from tsalign.engines.sampling.batching import CallCost, length_batches
 from tsalign.engines.sampling.grouped_attention import use_grouped_attention
 from tsalign.engines.sampling.nucleus import NucleusSampler
 
