@@ -284,6 +284,27 @@ def test_distill_writes_a_trained_one_output_student(ts):
     assert abs(labels["longer_auc"] - 0.5) < 0.05  # the data's good and bad answers have the same lengths
 
 
+def test_a_students_scores_on_a_fixed_set_are_kept_by_model_content(ts, tmp_path, monkeypatch):
+    """distill scores its student before and after training on the fixed human sets; the scores of a model it scored
+    before (the configured student, or the previous iteration's) are read back, not computed again."""
+    import tsalign.training.reward_model as rm
+
+    cfg = ts["distill_cfg"]
+    student = base_model_dir(cfg, cfg.student)
+    prompts, texts = [[{"role": "user", "content": q}] for q, _, _ in HUMAN], [c for _, c, _ in HUMAN]
+    fresh = rm.known_scores(student, prompts, texts, 64, "cpu", 0)
+    assert rm.known_scores(student, prompts, texts, 64, "cpu", 0, tmp_path) == fresh
+    assert len(list((tmp_path / "reward_scores").glob("*.json"))) == 1
+    loads = []
+    real = rm.RewardModelScorer
+    monkeypatch.setattr(rm, "RewardModelScorer", lambda *a, **k: loads.append(a) or real(*a, **k))
+    assert rm.known_scores(student, prompts, texts, 64, "cpu", 0, tmp_path) == fresh and not loads
+    rm.known_scores(student, prompts, texts[::-1], 64, "cpu", 0, tmp_path)  # other texts: scored
+    trained = stage_dir(ts["exp"], 0, "distill") / "student"
+    rm.known_scores(trained, prompts, texts, 64, "cpu", 0, tmp_path)  # another model: scored
+    assert len(loads) == 2
+
+
 def test_cut_answers_are_never_chosen_and_counted(ts):
     """rank.cut_answers=rejected_only (the default outside tests): an answer cut at max_new_tokens may be
     rejected but never chosen; every prompt ends in a pair or a counted reason."""

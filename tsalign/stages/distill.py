@@ -143,18 +143,20 @@ def run(ctx: StageContext) -> StageResult:
     # after training) and write no metrics
     main = distributed.is_main()
 
-    def accuracy(model_dir: Path, pairs: list[dict]) -> dict | None:
-        return pair_accuracy(model_dir, pairs, d.max_length, device, cfg.student.seed) if pairs and main else None
+    def accuracy(model_dir: Path, pairs: list[dict], cache: Path | None = None) -> dict | None:
+        return pair_accuracy(model_dir, pairs, d.max_length, device, cfg.student.seed, cache) if pairs and main else None
 
     def log_step(step: int, values: dict) -> None:
         tracker.log({f"distill/{k}": v for k, v in values.items()}, step=step)
 
+    # the human sets are fixed: a student's scores on them are kept (the configured student's, every run's "before")
+    fixed_sets = Path(cfg.paths.cache)
     labelled = load_human_labels(d.human_labels, cfg.paths.cache) if d.human_labels and main else []
 
     def scores(model_dir: Path) -> list[float]:
-        return label_scores(model_dir, labelled, d.max_length, device, cfg.student.seed) if labelled else []
+        return label_scores(model_dir, labelled, d.max_length, device, cfg.student.seed, fixed_sets) if labelled else []
 
-    before, human_before = accuracy(student_dir, held_out), accuracy(student_dir, human)
+    before, human_before = accuracy(student_dir, held_out), accuracy(student_dir, human, fixed_sets)
     labels_before = scores(student_dir)
     out = out_dir / "student"
     train_stats = train_reward_model(student_dir, out, train, epochs=d.epochs, batch_size=d.batch_size,
@@ -162,7 +164,7 @@ def run(ctx: StageContext) -> StageResult:
                                      seed=cfg.seed + cfg.iteration, init_seed=cfg.student.seed,
                                      use_margin=d.use_margin, device=device, on_step=log_step,
                                      lr_key="distill.learning_rate", what="distill", data_parallel=True)
-    after, human_after = accuracy(out, held_out), accuracy(out, human)
+    after, human_after = accuracy(out, held_out), accuracy(out, human, fixed_sets)
     labels = labels_change(labelled, labels_before, scores(out), cfg.seed) if labelled else None
 
     metrics = {"source": d.source, "train_pairs": len(train), "replayed_pairs": replayed, "audit_pairs": len(audit),

@@ -8,6 +8,7 @@ cut is counted; the loss is the same -log sigmoid(r_c - r_r [- margin]).
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -115,24 +116,45 @@ def data_parallel_model(model, device: str):
 
 
 def pair_accuracy(model_dir: Path, pairs: list[dict], max_length: int = 256, device: str = "cpu",
-                  seed: int = 0) -> dict:
+                  seed: int = 0, cache: Path | None = None) -> dict:
     """Accuracy of a reward model on pairs (chosen above rejected), beside the 'longer answer wins' rule."""
-    scorer = RewardModelScorer(model_dir, device=device, max_length=max_length, seed=seed)
     prompts = [p["prompt"] for p in pairs]
-    chosen = scorer.score_texts(prompts, [response_text(p["chosen"]) for p in pairs])
-    rejected = scorer.score_texts(prompts, [response_text(p["rejected"]) for p in pairs])
-    scorer.close()
+    texts = [response_text(p["chosen"]) for p in pairs] + [response_text(p["rejected"]) for p in pairs]
+    scores = known_scores(model_dir, prompts + prompts, texts, max_length, device, seed, cache)
+    chosen, rejected = scores[: len(pairs)], scores[len(pairs) :]
     return {"pairs": len(pairs), "accuracy": pairwise_accuracy(chosen, rejected), "longer_wins": pairs_longer_wins(pairs)}
 
 
 def label_scores(model_dir: Path, rows: list[dict], max_length: int = 256, device: str = "cpu",
-                 seed: int = 0) -> list[float]:
+                 seed: int = 0, cache: Path | None = None) -> list[float]:
     """A reward model's score of each labelled response (rows of tsalign.data.load_human_labels)."""
+    return known_scores(model_dir, [r["prompt"] for r in rows], [r["response"] for r in rows], max_length, device,
+                        seed, cache)
+
+
+def known_scores(model_dir: Path, prompts: list, responses: list[str], max_length: int, device: str, seed: int,
+                 cache: Path | None = None) -> list[float]:
+    """A reward model's scores of (prompt, response) texts. With `cache` they are kept under <cache>/reward_scores,
+    keyed by the model's content and the texts: a model scored on a fixed set before (distill's student before
+    training is the configured student of every run, or the previous iteration's student after) is not scored
+    again."""
+    if cache is not None:
+        key = config_hash([fingerprint(model_dir), prompts, responses, max_length, seed, device])
+        path = Path(cache) / "reward_scores" / f"{key}.json"
+        try:
+            kept = json.loads(path.read_text())["scores"]
+            if len(kept) == len(responses):
+                return kept
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     scorer = RewardModelScorer(model_dir, device=device, max_length=max_length, seed=seed)
     try:
-        return scorer.score_texts([r["prompt"] for r in rows], [r["response"] for r in rows])
+        scores = scorer.score_texts(prompts, responses)
     finally:
         scorer.close()
+    if cache is not None:
+        atomic_write_json(path, {"model": str(model_dir), "texts": len(responses), "scores": scores})
+    return scores
 
 
 def fit_pairs(fit: dict, cache_dir: Path) -> tuple[list[dict], list[dict]]:
