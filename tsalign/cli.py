@@ -27,7 +27,6 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 from tsalign import distributed, interrupt
 from tsalign.config.schema import conf_dir, register_configs
 from tsalign.errors import TsalignError
-from tsalign.interrupt import INTERRUPTED
 from tsalign.views.tracking import check_tracker
 
 CONF_DIR = str(conf_dir())
@@ -145,7 +144,7 @@ def _main(cfg: DictConfig) -> None:
 
             run_stage(cfg, str(cfg.stage))
     except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
+        print(interrupt.INTERRUPTED, file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 -- what has no one-line form is re-raised: its traceback is the report
         line = one_line(e, cfg)
