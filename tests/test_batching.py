@@ -130,3 +130,44 @@ def test_sampling_through_the_prompt_cache_draws_what_full_prefills_draw(sampler
     whole = sampler.generate(PROMPTS, params)
     assert [[c.text for c in g] for g in forked] == [[c.text for c in g] for g in whole]
     assert all(len({c.text for c in g}) > 1 for g in forked)
+
+
+def test_a_prompts_samples_do_not_depend_on_the_prompts_beside_it(sampler):
+    """Each sample draws from its own seeded generator (hf.row_seed, as vLLM seeds its requests): one call or
+    several, alone or with others, the same answers; chunks sampled together are the chunks sampled apart."""
+    from tsalign.engines.sampling.hf import HFSampler
+
+    params = SamplingParams(n=3, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=11)
+    together = sampler.generate(PROMPTS, params)
+    narrow = HFSampler.__new__(HFSampler)
+    narrow.__dict__.update(sampler.__dict__, batch_size=3)  # one prompt per call
+    assert narrow.generate(PROMPTS, params) == together
+    other = SamplingParams(**{**params.as_dict(), "seed": 12})
+    assert sampler.generate_chunks([(PROMPTS, params), (PROMPTS[:2], other)]) == [
+        together, sampler.generate(PROMPTS[:2], other)]
+    assert sampler.generate(PROMPTS[:2], other) != together[:2]
+    with pytest.raises(ValueError, match="differ in their seed only"):
+        sampler.generate_chunks([(PROMPTS, params), (PROMPTS, SamplingParams(**{**params.as_dict(), "top_p": 0.5}))])
+
+
+def test_evaluate_samples_pi_0_and_its_control_in_one_pass_with_the_answers_of_two(compose, tmp_path, monkeypatch):
+    """evaluate's pi_0 answers (seed s) and the control's (seed s+1) share the sampler's calls, and are the answers
+    each run gets alone: the control stays matched with pi_{t+1}'s answers (also seed s+1)."""
+    from tsalign.engines.sampling.hf import HFSampler
+    from tsalign.stages import evaluate
+    from tsalign.stages.lineage import base_model_dir
+
+    cfg = compose(["model=tiny", f"paths.outputs={tmp_path}", "sampler.max_new_tokens=6"])
+    model = base_model_dir(cfg, cfg.policy)
+    prompts = [{"prompt_id": f"p{i}", "messages": m} for i, m in enumerate(PROMPTS * 3)]
+    calls = []
+    real = HFSampler.generate_chunks
+    monkeypatch.setattr(HFSampler, "generate_chunks", lambda self, chunks: calls.append(len(chunks)) or real(self, chunks))
+    together = evaluate.answers(cfg, model, prompts, [(5, tmp_path / "a.jsonl"), (6, tmp_path / "b.jsonl")])
+    assert calls == [2, 2]  # per chunk of prompts (model=tiny: 8), one call with both runs
+    apart = [evaluate.answers(cfg, model, prompts, [(5, tmp_path / "c.jsonl")])[0],
+             evaluate.answers(cfg, model, prompts, [(6, tmp_path / "d.jsonl")])[0]]
+    assert together == apart and together[0] != together[1]
+    calls.clear()
+    assert evaluate.answers(cfg, model, prompts, [(5, tmp_path / "a.jsonl"), (6, tmp_path / "b.jsonl")]) == together
+    assert calls == []  # both kept: nothing sampled, no model loaded

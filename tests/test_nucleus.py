@@ -61,6 +61,24 @@ def test_the_sampler_draws_the_nucleus_distribution_and_masks_the_rest():
     assert sampler.rows == draws
 
 
+@pytest.mark.parametrize("top_p", [0.9, 1.0])
+def test_draws_from_one_generator_per_row_follow_the_distribution(top_p):
+    logits = torch.tensor([3.0, 2.5, 2.0, 1.0, 0.0, -1.0, -3.0, -5.0])
+    draws = 20_000
+    generators = [torch.Generator().manual_seed(s) for s in range(draws)]
+    out = NucleusSampler(0.8, top_p, candidates=4, generators=generators)(None, logits.repeat(draws, 1))
+    counts = torch.bincount(out.argmax(dim=-1), minlength=len(logits)).float() / draws
+    expected = transformers_distribution(logits[None], 0.8, top_p)[0] if top_p < 1 else (logits / 0.8).softmax(-1)
+    if top_p < 1:
+        assert torch.equal(counts > 0, expected > 0)  # the tail past the nucleus never drawn
+    assert (counts - expected).abs().max() < 0.015  # ~5 standard errors at 20k draws
+    again = NucleusSampler(0.8, top_p, candidates=4, generators=[torch.Generator().manual_seed(s) for s in range(9)])
+    first = NucleusSampler(0.8, top_p, candidates=4, generators=[torch.Generator().manual_seed(s) for s in range(9)])
+    assert torch.equal(first(None, logits.repeat(9, 1)), again(None, logits.repeat(9, 1)))
+    with pytest.raises(ValueError, match="9 generators for 2 rows"):
+        NucleusSampler(0.8, top_p, generators=generators[:9])(None, logits.repeat(2, 1))
+
+
 def test_the_same_seed_gives_the_same_draws_and_top_p_1_samples_the_whole_vocabulary():
     logits = torch.randn(64, 500, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(7)

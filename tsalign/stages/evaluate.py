@@ -11,6 +11,7 @@ Writes metrics.json and progress.png (every evaluated iteration of the experimen
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -38,7 +39,7 @@ from tsalign.artifacts.store import (
     fingerprint,
     read_manifest,
 )
-from tsalign.engines.sampling.resumable import chunk_prompts, sample_rows
+from tsalign.engines.sampling.resumable import chunk_prompts, sample_runs
 from tsalign.engines.scoring.served import cost_line, cost_report, is_served
 from tsalign.errors import TsalignError
 from tsalign.progress import progress, say
@@ -69,24 +70,25 @@ def plan(cfg: DictConfig) -> Plan:
 
 
 def answers(cfg: DictConfig, model_dir: Path, prompts: list[dict], runs: list[tuple[int, Path]]) -> list[list[str]]:
-    """One answer per prompt for each (seed, cache) run, from one model loaded at most once; finished
-    chunks are kept in each cache (pi_0's answers are shared by the iterations)."""
+    """One answer per prompt for each (seed, cache) run, from one model loaded at most once, the runs sampled in one
+    pass (sample_runs: they share its batches); finished chunks are kept in each cache (pi_0's answers are shared by
+    the iterations)."""
     model = fingerprint(model_dir)
-    sampler, out = None, []
+    sampler = None
     try:
-        for seed, cache in runs:
-            params = sampling_params(cfg, 1, seed)
-            with cache_lock(cache, "evaluation answers"):  # pi_0's cache is shared: one writer, the others reuse
-                partial = PartialRows(cache, "prompt_id", {"model": model, "params": params.as_dict()})
-                if not all(p["prompt_id"] in partial for p in prompts):
-                    sampler = sampler or open_sampler(cfg, model_dir, seed)
-                    sample_rows(sampler, prompts, params, partial, model_dir.name,
-                                chunk_prompts(cfg.sampler.batch_size, 1))
-            out.append([partial.rows[p["prompt_id"]]["candidates"][0]["text"] for p in prompts])
+        with contextlib.ExitStack() as locks:
+            kept = []
+            for seed, cache in runs:  # pi_0's caches are shared: one writer, the others reuse (always in this order)
+                locks.enter_context(cache_lock(cache, "evaluation answers"))
+                params = sampling_params(cfg, 1, seed)
+                kept.append((params, PartialRows(cache, "prompt_id", {"model": model, "params": params.as_dict()})))
+            if not all(p["prompt_id"] in partial for _, partial in kept for p in prompts):
+                sampler = open_sampler(cfg, model_dir, runs[0][0])
+                sample_runs(sampler, prompts, kept, model_dir.name, chunk_prompts(cfg.sampler.batch_size, 1))
+            return [[partial.rows[p["prompt_id"]]["candidates"][0]["text"] for p in prompts] for _, partial in kept]
     finally:
         if sampler is not None:
             sampler.close()
-    return out
 
 
 JUDGE_CHUNK = 32  # pairs per judge call: progress for a slow judge

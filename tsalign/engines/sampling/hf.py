@@ -5,6 +5,7 @@ sort per step)."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -15,6 +16,11 @@ from tsalign.engines.sampling.base import Completion, SamplingParams, chat_promp
 from tsalign.engines.sampling.batching import CallCost, length_batches
 from tsalign.engines.sampling.grouped_attention import use_grouped_attention
 from tsalign.engines.sampling.nucleus import NucleusSampler
+
+
+def row_seed(seed: int, prompt_index: int, n: int, sample: int) -> int:
+    """The seed of sample `sample` of prompt `prompt_index` of a chunk (the vLLM sampler's request seed + sample)."""
+    return (seed * 1_000_003 + prompt_index * n + sample) % 2**31
 
 
 def call_cost(model) -> CallCost:
@@ -50,22 +56,32 @@ class HFSampler:
         text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
         return Completion(text, "length" if end is None else "stop", len(kept), truncated)
 
-    @torch.no_grad()
     def generate(self, prompts: list[list[dict]], params: SamplingParams) -> list[list[Completion]]:
-        encoded = [chat_prompt_ids(self.tokenizer, m, params.max_prompt_tokens) for m in prompts]
+        return self.generate_chunks([(prompts, params)])[0]
+
+    @torch.no_grad()
+    def generate_chunks(self, chunks: list[tuple[list[list[dict]], SamplingParams]]) -> list[list[list[Completion]]]:
+        """Several chunks (prompts, params that differ in the seed only) sampled together; each chunk's completions as
+        generate() gives them. Sample j of prompt i of a chunk draws from its own generator (row_seed), as the vLLM
+        sampler seeds each request: what a prompt gets does not depend on the prompts it shares a call with."""
+        params = chunks[0][1]
+        if any(replace(p, seed=0) != replace(params, seed=0) for _, p in chunks):
+            raise ValueError("generate_chunks: the chunks' sampling params may differ in their seed only")
         sample = params.temperature > 0
         n = params.n if sample else 1  # greedy: one decode per prompt, copied K times
-        results: list[list[Completion] | None] = [None] * len(prompts)
-        chunks = length_batches([len(ids) for ids, _ in encoded], n, self.batch_size, params.max_new_tokens, self.cost)
-        for chunk_no, chunk in enumerate(chunks):
-            # each prompt n times, as transformers' num_return_sequences expands them before the prefill
-            batch = self.tokenizer.pad({"input_ids": [encoded[i][0] for i in chunk]}, return_tensors="pt")
+        jobs = [(chat_prompt_ids(self.tokenizer, m, params.max_prompt_tokens), [row_seed(p.seed, i, n, j) for j in range(n)])
+                for prompts, p in chunks for i, m in enumerate(prompts)]
+        results: list[list[Completion]] = [[] for _ in jobs]
+        for call in length_batches([len(ids) for (ids, _), _ in jobs], n, self.batch_size, params.max_new_tokens,
+                                   self.cost):
+            batch = self.tokenizer.pad({"input_ids": [jobs[i][0][0] for i in call]}, return_tensors="pt")
             batch = {k: v.to(self.device) for k, v in batch.items()}
             cache = self._prompt_cache(batch, n)  # each prompt's prefill once, its key/values copied n times
             batch = {k: v.repeat_interleave(n, dim=0) for k, v in batch.items()}
-            torch.manual_seed(params.seed * 100_003 + chunk_no)  # reproducible per run seed
             # sampling is the last logits processor of a greedy decode (nucleus.py: no vocabulary sort per step)
-            draw = LogitsProcessorList([NucleusSampler(params.temperature, params.top_p)] if sample else [])
+            generators = [torch.Generator(self.device).manual_seed(s) for i in call for s in jobs[i][1]]
+            draw = LogitsProcessorList([NucleusSampler(params.temperature, params.top_p, generators=generators)]
+                                       if sample else [])
             t0 = time.perf_counter()
             out = self.model.generate(
                 **batch, past_key_values=cache, do_sample=False, temperature=None, top_p=None, top_k=None,
@@ -77,11 +93,15 @@ class HFSampler:
                 self.stats["drawn_rows"] += sampler.rows
                 self.stats["sorted_rows"] += sampler.sorted_rows
             new = out[:, batch["input_ids"].shape[1] :].tolist()
-            for j, i in enumerate(chunk):
+            for j, i in enumerate(call):
                 rows = new[j * n : (j + 1) * n] * (params.n // n)
-                results[i] = [self._decode(r, encoded[i][1]) for r in rows]
+                results[i] = [self._decode(r, jobs[i][0][1]) for r in rows]
                 self.stats["generated_tokens"] += sum(c.num_tokens for c in results[i])
-        return results  # type: ignore[return-value]
+        out_chunks, start = [], 0
+        for prompts, _ in chunks:
+            out_chunks.append(results[start : start + len(prompts)])
+            start += len(prompts)
+        return out_chunks
 
     def _prompt_cache(self, batch: dict, n: int) -> DynamicCache | None:
         """The key/value cache of every prompt token but the last, computed once per prompt and repeated for its n

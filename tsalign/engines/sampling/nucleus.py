@@ -44,22 +44,37 @@ def nucleus(logits: torch.Tensor, top_p: float, candidates: int = 256) -> tuple[
 
 
 class NucleusSampler:
-    """A logits processor that samples: temperature, then top-p, then one draw from the global torch generator
-    (seeded by the caller). Returns -inf everywhere but the drawn token."""
+    """A logits processor that samples: temperature, then top-p, then one draw per row, from that row's own generator
+    where `generators` are given (one per row, in batch order: what a row draws does not depend on the rows beside
+    it), else from the global torch generator (seeded by the caller). Returns -inf everywhere but the drawn token."""
 
-    def __init__(self, temperature: float, top_p: float, candidates: int = 256):
+    def __init__(self, temperature: float, top_p: float, candidates: int = 256,
+                 generators: list[torch.Generator] | None = None):
         if temperature <= 0:
             raise ValueError("NucleusSampler samples: temperature must be > 0 (greedy decoding needs no processor)")
-        self.temperature, self.top_p, self.candidates = temperature, top_p, candidates
+        self.temperature, self.top_p, self.candidates, self.generators = temperature, top_p, candidates, generators
         self.rows, self.sorted_rows = 0, 0  # rows drawn, and how many of them needed the full sort
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scaled = scores.float() / self.temperature
         if self.top_p >= 1.0:  # no nucleus: the whole vocabulary
-            drawn = torch.multinomial(scaled.softmax(dim=-1), 1)
+            drawn = self._draw(scaled.softmax(dim=-1))
         else:
             ids, probs, sorted_rows = nucleus(scaled, self.top_p, self.candidates)
-            drawn = ids.gather(-1, torch.multinomial(probs, 1))
+            drawn = ids.gather(-1, self._draw(probs))
             self.sorted_rows += sorted_rows
         self.rows += scores.shape[0]
         return torch.full_like(scores, float("-inf")).scatter_(-1, drawn, 0.0)
+
+    def _draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """One index per row, with probability proportional to `probs` (rows need not sum to 1; zeros never drawn)."""
+        if self.generators is None:
+            return torch.multinomial(probs, 1)
+        if len(self.generators) != probs.shape[0]:
+            raise ValueError(f"NucleusSampler: {len(self.generators)} generators for {probs.shape[0]} rows")
+        uniform = torch.stack([torch.rand((), generator=g, device=g.device, dtype=torch.float64)
+                               for g in self.generators]).to(probs.device)
+        cdf = probs.double().cumsum(dim=-1)
+        # the first index whose cumulative mass exceeds u * total: a zero-probability entry adds no mass, so never
+        picked = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(-1), right=True)
+        return picked.clamp(max=probs.shape[-1] - 1)

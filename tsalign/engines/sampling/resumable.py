@@ -1,6 +1,7 @@
 """Sampling prompt by prompt-chunk into PartialRows, so a crash loses one chunk at most.
 
-Used by generate (K candidates per prompt) and evaluate (one answer per held-out prompt).
+Used by generate (K candidates per prompt) and evaluate (one answer per held-out prompt; pi_0's and the control's
+in one pass: sample_runs).
 
 Chunks are also the unit of seeding (chunk seed = derived_seed(run seed, chunk start)) and of data
 parallelism: under `accelerate launch` generate's process r of N samples chunks r, r+N, r+2N, ...
@@ -72,6 +73,29 @@ def sample_rows(sampler, prompts: list[dict], params: SamplingParams, partial: P
             if on_chunk:
                 on_chunk(done, tok_s)
     return [partial.rows[p["prompt_id"]] for p in mine]
+
+
+def sample_runs(sampler, prompts: list[dict], runs: list[tuple[SamplingParams, PartialRows]], label: str,
+                chunk_size: int = CHUNK_PROMPTS) -> None:
+    """Several runs over the same prompts (each its own params, e.g. another seed, and its own PartialRows) in one
+    pass: chunk by chunk, every run's pending part of a chunk in one sampler call (generate_chunks), so the runs share
+    the sampler's batches. Each chunk keeps its run's seed (chunk_params): the rows are those sample_rows gives run
+    by run."""
+    done = sum(p["prompt_id"] in partial for _, partial in runs for p in prompts)
+    with progress(len(prompts) * len(runs), f"sampling {label}", "answer", initial=done) as bar:
+        for r in shard_ranges(len(prompts), chunk_size):
+            work = [(params, partial, chunk) for params, partial in runs
+                    if (chunk := [p for p in prompts[r.start : r.stop] if p["prompt_id"] not in partial])]
+            if not work:
+                continue
+            t0 = time.monotonic()
+            results = generate_chunks(sampler, [([p["messages"] for p in chunk], chunk_params(params, r))
+                                                for params, _, chunk in work])
+            for (_, partial, chunk), completions in zip(work, results):
+                keep_rows(partial, chunk, completions, label)
+            tokens = sum(c.num_tokens for completions in results for comps in completions for c in comps)
+            bar.update(sum(len(chunk) for _, _, chunk in work),
+                       tok_s=round(tokens / max(time.monotonic() - t0, 1e-9), 1))
 
 
 def chunk_params(params: SamplingParams, chunk: range) -> SamplingParams:
