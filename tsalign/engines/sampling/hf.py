@@ -1,6 +1,6 @@
 """Batched transformers generate: chat template, left padding, calls of prompts of similar length (batching.py), each
 prompt prefilled once for its K samples; temperature + top-p drawn by tsalign.engines.sampling.nucleus (no vocabulary
-sort per step)."""
+sort per step), each sample from its own seeded generator (row_seed), so batching never changes what is drawn."""
 
 from __future__ import annotations
 
