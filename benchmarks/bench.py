@@ -13,8 +13,8 @@ A/B comparisons alternate their arms (A B, then B A, ...) and report the median 
 the ratio of medians; the machine is shared and noisy, so read ratios, not absolute times.
 
 Phases (--only picks some; outputs under outputs/_bench, wiped per phase):
-  e2e        one iteration of the embedded default, as `make run` runs it (stage=loop iterations=1,
-             sampler=vllm when installed): its wall time, each stage's share and peak memory
+  e2e        one iteration of the embedded default, as `make run` runs it warm (stage=loop iterations=1,
+             sampler=auto, its calibration done untimed first): its wall time, each stage's share and peak memory
   dpo        tsalign stage=dpo vs TRL's DPOTrainer called directly, on the pairs e2e's rank wrote,
              same max_length / batch / steps / lr / beta (s/step, process wall, peak memory)
   generate   tsalign stage=generate vs a bare model.generate loop (hf), and vs a bare vllm.LLM (vllm)
@@ -306,16 +306,19 @@ class Bench:
     # -- phases
     def phase_e2e(self) -> dict:
         self.fresh("e2e")
-        sampler = "vllm" if self.vllm else "hf"
         # warm caches, as `make run` finds them the second time: the policy converted from its GGUF, the
-        # teacher and student_0 fitted on human pairs (a fresh clone does both here, untimed, once)
+        # teacher and student_0 fitted on human pairs, sampler=auto's engine calibration (a fresh clone does all
+        # of it here, untimed, once)
+        overrides = ["sampler=auto", *self.e2e_overrides()]
         warm = ("import sys; sys.argv = sys.argv[:1]; from benchmarks.bench import compose; "
                 "from tsalign.stages.factory import student_base_dir, teacher_model_dir; "
                 "from tsalign.stages.lineage import base_model_dir; "
-                f"cfg = compose({self.e2e_overrides()!r}); "
-                "print(base_model_dir(cfg, cfg.policy), teacher_model_dir(cfg), student_base_dir(cfg))")
+                "from tsalign.stages.engine_pick import resolve_auto_sampler; "
+                f"cfg = compose({overrides!r}); "
+                "print(base_model_dir(cfg, cfg.policy), teacher_model_dir(cfg), student_base_dir(cfg)); "
+                "resolve_auto_sampler(cfg)")
         self.results["warm_caches"] = measure("warm_caches", [PY, "-c", warm], self.logs)
-        run = self.tsalign("e2e_loop", ["stage=loop", "iterations=1", f"sampler={sampler}", *self.e2e_overrides()])
+        run = self.tsalign("e2e_loop", ["stage=loop", "iterations=1", *overrides])
         exp = self.root / "e2e"
         (exp / "bench_overrides.json").write_text(json.dumps(self.e2e_overrides()))
         stages = {}
@@ -325,6 +328,8 @@ class Bench:
         total = sum(v["wall_s"] for v in stages.values())
         for v in stages.values():
             v["share"] = round(v["wall_s"] / total, 3)
+        chosen = stages["generate"]["counts"]
+        sampler = f"auto -> {chosen.get('engine')} ({chosen.get('engine_dtype')})"
         return {"sampler": sampler, "loop": run, "stages": stages, "stage_sum_s": round(total, 2),
                 "outside_stages_s": round(run["wall_s"] - total, 2)}
 
