@@ -446,7 +446,9 @@ class Bench:
         policy = exp / "iter_0" / "dpo" / "policy"
 
         def ours(r: int) -> dict:
-            shutil.rmtree(exp / "_eval_answers", ignore_errors=True)  # pi_0's answers are cached there: no reuse
+            # pi_0's answers are kept in the experiment and the machine cache: no reuse
+            shutil.rmtree(exp / "_eval_answers", ignore_errors=True)
+            shutil.rmtree(Path(cfg.paths.cache) / "eval_answers", ignore_errors=True)
             run = self.tsalign(f"evaluate_tsalign_{r}", ["stage=evaluate", "iteration=0", "redo=true", *over])
             run["stage"] = {"manifest_wall_s": manifest(exp, "evaluate")["wall_time_s"]}
             return run

@@ -64,6 +64,40 @@ def test_evaluate_metrics_are_consistent(looped):
     assert list((exp / "_eval_answers").glob("base-*.jsonl"))
 
 
+def test_pi_0_answers_are_kept_per_machine_and_adopted_by_the_next_experiment(compose, tmp_path, monkeypatch):
+    """evaluate's pi_0 answers (and the control's) go to <cache>/eval_answers once complete; another experiment of the
+    same config copies them instead of sampling; a torn cache entry (answers without their stamp) is sampled again."""
+    from tsalign.engines.sampling.hf import HFSampler
+    from tsalign.stages import evaluate
+    from tsalign.stages.lineage import base_model_dir
+
+    cfg = compose(["model=tiny", f"paths.outputs={tmp_path}", "sampler.max_new_tokens=6"])
+    model = base_model_dir(cfg, cfg.policy)
+    cfg.paths.cache = str(tmp_path / "cache")  # the model stays in the shared test cache; the answers go here
+    prompts = [{"prompt_id": f"p{i}", "messages": [{"role": "user", "content": f"Say {i}."}]} for i in range(5)]
+    calls = []
+    real = HFSampler.generate_chunks
+    monkeypatch.setattr(HFSampler, "generate_chunks", lambda self, chunks: calls.append(len(chunks)) or real(self, chunks))
+
+    def experiment(name: str) -> tuple:
+        runs = [(5, tmp_path / name / "_eval_answers" / "base-k.jsonl"),
+                (6, tmp_path / name / "_eval_answers" / "control-k.jsonl")]
+        calls.clear()
+        return (*evaluate.base_answers(cfg, model, prompts, runs), list(calls))
+
+    first, reused, sampled = experiment("a")
+    assert not reused and sampled and first[0] != first[1]
+    kept = tmp_path / "cache" / "eval_answers"
+    assert sorted(p.name for p in kept.iterdir() if not p.name.endswith(".lock")) == [
+        "base-k.config", "base-k.jsonl", "control-k.config", "control-k.jsonl"]
+    assert experiment("b") == (first, True, [])  # copied, nothing sampled, no model loaded
+    assert (tmp_path / "b" / "_eval_answers" / "base-k.jsonl").read_bytes() == (kept / "base-k.jsonl").read_bytes()
+    (kept / "control-k.config").unlink()  # as a crash between writing the answers and their stamp leaves it
+    again, reused, sampled = experiment("c")
+    assert again == first and not reused and sampled  # seeded: the same answers, sampled again
+    assert (kept / "control-k.config").is_file()
+
+
 def test_rerun_of_finished_loop_starts_no_stage(looped):
     exp, _ = looped
     before = {s: manifest(exp, 0, s)["started_at"] for s in PIPELINE}

@@ -91,6 +91,51 @@ def answers(cfg: DictConfig, model_dir: Path, prompts: list[dict], runs: list[tu
             sampler.close()
 
 
+def adopt_kept(kept: Path, here: Path) -> bool:
+    """pi_0's answers from the machine cache into this experiment, unless it has its own: another experiment made
+    them with the same key (policy, sampler, data, seed). The answers, then their config stamp, each atomically: a
+    torn copy lacks the stamp, and PartialRows then discards the answers and samples them again."""
+    stamp = kept.with_suffix(".config")
+    if here.exists() or not (kept.is_file() and stamp.is_file()):
+        return False
+    for path in (kept, stamp):
+        atomic_write_bytes(here.parent / path.name, path.read_bytes())
+    return True
+
+
+def keep(here: Path, kept: Path) -> bool:
+    """This experiment's finished pi_0 answers into the machine cache for the next experiment: the answers first, the
+    stamp last (answers beside an older stamp are discarded by whoever adopts them, never taken as the new ones).
+    False when the cache held them already."""
+    wrote = False
+    for path in (here, here.with_suffix(".config")):
+        target, data = kept.parent / path.name, path.read_bytes()
+        if not target.is_file() or target.read_bytes() != data:
+            atomic_write_bytes(target, data)
+            wrote = True
+    return wrote
+
+
+def base_answers(cfg: DictConfig, model_dir: Path, prompts: list[dict], runs: list[tuple[int, Path]]) -> tuple:
+    """answers() for pi_0's runs, shared by every experiment on this machine through <cache>/eval_answers (the base
+    policy answers the same prompts with the same seeds in every experiment of one config): adopted before, kept
+    after. Returns the answers and whether they came from the cache."""
+    kept_dir = Path(cfg.paths.cache) / "eval_answers"
+    adopted = []
+    for _, here in runs:
+        with cache_lock(kept_dir / here.name, "pi_0's evaluation answers"):
+            adopted.append(adopt_kept(kept_dir / here.name, here))
+    found, wrote = answers(cfg, model_dir, prompts, runs), []
+    for _, here in runs:
+        with cache_lock(kept_dir / here.name, "pi_0's evaluation answers"):
+            wrote.append(keep(here, kept_dir / here.name))
+    reused = all(adopted) and not any(wrote)
+    if reused:
+        say(f"[evaluate] pi_0's answers read from {kept_dir} (an earlier experiment's, same policy, sampler, data "
+            "and seed)")
+    return found, reused
+
+
 JUDGE_CHUNK = 32  # pairs per judge call: progress for a slow judge
 
 
@@ -194,7 +239,7 @@ def run(ctx: StageContext) -> StageResult:
     # so the control differs from the main comparison in the model only
     base_runs = [(e.seed, shared / f"base-{key}.jsonl")] + ([(e.seed + 1, shared / f"control-{key}.jsonl")]
                                                             if e.control else [])
-    base, *rest = answers(cfg, base_dir, held_out, base_runs)
+    (base, *rest), reused = base_answers(cfg, base_dir, held_out, base_runs)
     control = rest[0] if rest else None
     (policy,) = answers(cfg, ctx.inputs["policy"], held_out, [(e.seed + 1, out_dir / "_work" / "policy_answers.jsonl")])
 
@@ -258,6 +303,7 @@ def run(ctx: StageContext) -> StageResult:
     counts["reward_delta_ci"] = metrics["reward_delta_ci"]
     counts["control_win_rate"] = ctrl["win_rate"] if ctrl else None
     counts["control_passed"] = metrics["control"]["passed"] if ctrl else None
+    counts["base_answers_from_cache"] = reused
     return StageResult(counts, outputs, {"plot": str(ctx.directory.parent / "evaluate" / "progress.png")})
 
 
