@@ -88,14 +88,19 @@ def test_pi_0_answers_are_kept_per_machine_and_adopted_by_the_next_experiment(co
     first, reused, sampled = experiment("a")
     assert not reused and sampled and first[0] != first[1]
     kept = tmp_path / "cache" / "eval_answers"
-    assert sorted(p.name for p in kept.iterdir() if not p.name.endswith(".lock")) == [
-        "base-k.config", "base-k.jsonl", "control-k.config", "control-k.jsonl"]
+    names = sorted(p.name for p in kept.iterdir() if not p.name.endswith(".lock"))
+    assert [n.split("-")[0] + n[n.index("."):] for n in names] == [
+        "base.config", "base.jsonl", "control.config", "control.jsonl"]
     assert experiment("b") == (first, True, [])  # copied, nothing sampled, no model loaded
-    assert (tmp_path / "b" / "_eval_answers" / "base-k.jsonl").read_bytes() == (kept / "base-k.jsonl").read_bytes()
-    (kept / "control-k.config").unlink()  # as a crash between writing the answers and their stamp leaves it
+    base_kept = next(kept.glob("base-k-*.jsonl"))
+    assert (tmp_path / "b" / "_eval_answers" / "base-k.jsonl").read_bytes() == base_kept.read_bytes()
+    next(kept.glob("control-k-*.config")).unlink()  # as a crash between writing the answers and their stamp leaves it
     again, reused, sampled = experiment("c")
     assert again == first and not reused and sampled  # seeded: the same answers, sampled again
-    assert (kept / "control-k.config").is_file()
+    assert len(list(kept.glob("control-k-*.config"))) == 1
+    prompts[0]["messages"] = [{"role": "user", "content": "Say something else."}]  # an edited prompts file, same ids
+    edited, reused, sampled = experiment("d")
+    assert not reused and sampled and edited[0][1:] == first[0][1:] and len(list(kept.glob("base-k-*.jsonl"))) == 2
 
 
 def test_rerun_of_finished_loop_starts_no_stage(looped):

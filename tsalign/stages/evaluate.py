@@ -91,15 +91,19 @@ def answers(cfg: DictConfig, model_dir: Path, prompts: list[dict], runs: list[tu
             sampler.close()
 
 
+def with_stamp(answers_file: Path) -> tuple[Path, Path]:
+    """A PartialRows file and the config stamp beside it (model content and sampling params)."""
+    return answers_file, answers_file.with_suffix(".config")
+
+
 def adopt_kept(kept: Path, here: Path) -> bool:
     """pi_0's answers from the machine cache into this experiment, unless it has its own: another experiment made
-    them with the same key (policy, sampler, data, seed). The answers, then their config stamp, each atomically: a
-    torn copy lacks the stamp, and PartialRows then discards the answers and samples them again."""
-    stamp = kept.with_suffix(".config")
-    if here.exists() or not (kept.is_file() and stamp.is_file()):
+    them with the same key (policy, sampler, data, seed, held-out prompts). The answers, then their stamp, each
+    atomically: a torn copy lacks the stamp, and PartialRows then discards the answers and samples them again."""
+    if here.exists() or not all(path.is_file() for path in with_stamp(kept)):
         return False
-    for path in (kept, stamp):
-        atomic_write_bytes(here.parent / path.name, path.read_bytes())
+    for source, target in zip(with_stamp(kept), with_stamp(here)):
+        atomic_write_bytes(target, source.read_bytes())
     return True
 
 
@@ -108,8 +112,8 @@ def keep(here: Path, kept: Path) -> bool:
     stamp last (answers beside an older stamp are discarded by whoever adopts them, never taken as the new ones).
     False when the cache held them already."""
     wrote = False
-    for path in (here, here.with_suffix(".config")):
-        target, data = kept.parent / path.name, path.read_bytes()
+    for source, target in zip(with_stamp(here), with_stamp(kept)):
+        data = source.read_bytes()
         if not target.is_file() or target.read_bytes() != data:
             atomic_write_bytes(target, data)
             wrote = True
@@ -119,20 +123,23 @@ def keep(here: Path, kept: Path) -> bool:
 def base_answers(cfg: DictConfig, model_dir: Path, prompts: list[dict], runs: list[tuple[int, Path]]) -> tuple:
     """answers() for pi_0's runs, shared by every experiment on this machine through <cache>/eval_answers (the base
     policy answers the same prompts with the same seeds in every experiment of one config): adopted before, kept
-    after. Returns the answers and whether they came from the cache."""
-    kept_dir = Path(cfg.paths.cache) / "eval_answers"
+    after. The cache's names hold the prompts' content too (a prompt's id is its file and row: an edited file keeps
+    them). Returns the answers and whether they came from the cache."""
+    prompts_digest = config_hash([[p["prompt_id"], p["messages"]] for p in prompts])
+    kept = {here: Path(cfg.paths.cache) / "eval_answers" / f"{here.stem}-{prompts_digest}{here.suffix}"
+            for _, here in runs}
     adopted = []
-    for _, here in runs:
-        with cache_lock(kept_dir / here.name, "pi_0's evaluation answers"):
-            adopted.append(adopt_kept(kept_dir / here.name, here))
+    for here, there in kept.items():
+        with cache_lock(there, "pi_0's evaluation answers"):
+            adopted.append(adopt_kept(there, here))
     found, wrote = answers(cfg, model_dir, prompts, runs), []
-    for _, here in runs:
-        with cache_lock(kept_dir / here.name, "pi_0's evaluation answers"):
-            wrote.append(keep(here, kept_dir / here.name))
+    for here, there in kept.items():
+        with cache_lock(there, "pi_0's evaluation answers"):
+            wrote.append(keep(here, there))
     reused = all(adopted) and not any(wrote)
     if reused:
-        say(f"[evaluate] pi_0's answers read from {kept_dir} (an earlier experiment's, same policy, sampler, data "
-            "and seed)")
+        say(f"[evaluate] pi_0's answers read from {Path(cfg.paths.cache) / 'eval_answers'} (an earlier experiment's: "
+            "the same policy, sampler, data, seed and prompts)")
     return found, reused
 
 
