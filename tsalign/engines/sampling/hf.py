@@ -1,6 +1,8 @@
 """Batched transformers generate: chat template, left padding, calls of prompts of similar length (batching.py), each
 prompt prefilled once for its K samples; temperature + top-p drawn by tsalign.engines.sampling.nucleus (no vocabulary
-sort per step), each sample from its own seeded generator (row_seed), so batching never changes what is drawn."""
+sort per step), each sample from its own seeded generator (row_seed), so batching never changes the random draws
+(float32 logits can differ in their last bits with a call's shape, which rarely moves a draw that falls at a
+token's boundary, as in vLLM without batch-invariant kernels)."""
 
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ class HFSampler:
     def generate_chunks(self, chunks: list[tuple[list[list[dict]], SamplingParams]]) -> list[list[list[Completion]]]:
         """Several chunks (prompts, params that differ in the seed only) sampled together; each chunk's completions as
         generate() gives them. Sample j of prompt i of a chunk draws from its own generator (row_seed), as the vLLM
-        sampler seeds each request: what a prompt gets does not depend on the prompts it shares a call with."""
+        sampler seeds each request: a prompt's draws do not depend on the prompts it shares a call with."""
         params = chunks[0][1]
         if any(replace(p, seed=0) != replace(params, seed=0) for _, p in chunks):
             raise ValueError("generate_chunks: the chunks' sampling params may differ in their seed only")
