@@ -438,6 +438,7 @@ class Bench:
         over = [*self.e2e_overrides(), f"data.eval_prompts={s.eval_prompts}", f"sampler.max_new_tokens={s.eval_tokens}",
                 "sampler=hf", "evaluate.control=false"]
         cfg = compose(over)
+        from tsalign.stages.evaluate import kept_answers_dir
         from tsalign.stages.factory import teacher_model_dir
         from tsalign.stages.lineage import base_model_dir, prompt_split
 
@@ -448,7 +449,7 @@ class Bench:
         def ours(r: int) -> dict:
             # pi_0's answers are kept in the experiment and the machine cache: no reuse
             shutil.rmtree(exp / "_eval_answers", ignore_errors=True)
-            shutil.rmtree(Path(cfg.paths.cache) / "eval_answers", ignore_errors=True)
+            shutil.rmtree(kept_answers_dir(cfg), ignore_errors=True)
             run = self.tsalign(f"evaluate_tsalign_{r}", ["stage=evaluate", "iteration=0", "redo=true", *over])
             run["stage"] = {"manifest_wall_s": manifest(exp, "evaluate")["wall_time_s"]}
             return run

@@ -91,6 +91,11 @@ def answers(cfg: DictConfig, model_dir: Path, prompts: list[dict], runs: list[tu
             sampler.close()
 
 
+def kept_answers_dir(cfg: DictConfig) -> Path:
+    """Where pi_0's finished answers wait for the next experiment on this machine."""
+    return Path(cfg.paths.cache) / "eval_answers"
+
+
 def with_stamp(answers_file: Path) -> tuple[Path, Path]:
     """A PartialRows file and the config stamp beside it (model content and sampling params)."""
     return answers_file, answers_file.with_suffix(".config")
@@ -126,8 +131,7 @@ def base_answers(cfg: DictConfig, model_dir: Path, prompts: list[dict], runs: li
     after. The cache's names hold the prompts' content too (a prompt's id is its file and row: an edited file keeps
     them). Returns the answers and whether they came from the cache."""
     prompts_digest = config_hash([[p["prompt_id"], p["messages"]] for p in prompts])
-    kept = {here: Path(cfg.paths.cache) / "eval_answers" / f"{here.stem}-{prompts_digest}{here.suffix}"
-            for _, here in runs}
+    kept = {here: kept_answers_dir(cfg) / f"{here.stem}-{prompts_digest}{here.suffix}" for _, here in runs}
     adopted = []
     for here, there in kept.items():
         with cache_lock(there, "pi_0's evaluation answers"):
@@ -138,7 +142,7 @@ def base_answers(cfg: DictConfig, model_dir: Path, prompts: list[dict], runs: li
             wrote.append(keep(here, there))
     reused = all(adopted) and not any(wrote)
     if reused:
-        say(f"[evaluate] pi_0's answers read from {Path(cfg.paths.cache) / 'eval_answers'} (an earlier experiment's: "
+        say(f"[evaluate] pi_0's answers read from {kept_answers_dir(cfg)} (an earlier experiment's: "
             "the same policy, sampler, data, seed and prompts)")
     return found, reused
 
