@@ -80,8 +80,9 @@ def test_pi_0_answers_are_kept_per_machine_and_adopted_by_the_next_experiment(co
     monkeypatch.setattr(HFSampler, "generate_chunks", lambda self, chunks: calls.append(len(chunks)) or real(self, chunks))
 
     def experiment(name: str) -> tuple:
-        runs = [(5, tmp_path / name / "_eval_answers" / "base-k.jsonl"),
-                (6, tmp_path / name / "_eval_answers" / "control-k.jsonl")]
+        key = evaluate.answers_key(cfg, prompts)
+        runs = [(5, tmp_path / name / "_eval_answers" / f"base-{key}.jsonl"),
+                (6, tmp_path / name / "_eval_answers" / f"control-{key}.jsonl")]
         calls.clear()
         return (*evaluate.base_answers(cfg, model, prompts, runs), list(calls))
 
@@ -92,15 +93,16 @@ def test_pi_0_answers_are_kept_per_machine_and_adopted_by_the_next_experiment(co
     assert [n.split("-")[0] + n[n.index("."):] for n in names] == [
         "base.config", "base.jsonl", "control.config", "control.jsonl"]
     assert experiment("b") == (first, True, [])  # copied, nothing sampled, no model loaded
-    base_kept = next(kept.glob("base-k-*.jsonl"))
-    assert (tmp_path / "b" / "_eval_answers" / "base-k.jsonl").read_bytes() == base_kept.read_bytes()
-    next(kept.glob("control-k-*.config")).unlink()  # as a crash between writing the answers and their stamp leaves it
+    base_kept = next(kept.glob("base-*.jsonl"))
+    assert (tmp_path / "b" / "_eval_answers" / base_kept.name).read_bytes() == base_kept.read_bytes()
+    next(kept.glob("control-*.config")).unlink()  # as a crash between writing the answers and their stamp leaves it
     again, reused, sampled = experiment("c")
     assert again == first and not reused and sampled  # seeded: the same answers, sampled again
-    assert len(list(kept.glob("control-k-*.config"))) == 1
-    prompts[0]["messages"] = [{"role": "user", "content": "Say something else."}]  # an edited prompts file, same ids
-    edited, reused, sampled = experiment("d")
-    assert not reused and sampled and edited[0][0] != first[0][0] and len(list(kept.glob("base-k-*.jsonl"))) == 2
+    assert len(list(kept.glob("control-*.config"))) == 1
+    prompts[0]["messages"] = [{"role": "user", "content": "Say something else."}]  # a prompts file edited in place
+    edited, reused, sampled = experiment("a")  # the same experiment, the same prompt ids: not its old answers
+    assert not reused and sampled and edited[0][0] != first[0][0]
+    assert len(list(kept.glob("base-*.jsonl"))) == 2 and len(list((tmp_path / "a" / "_eval_answers").glob("base-*.jsonl"))) == 2
 
 
 def test_rerun_of_finished_loop_starts_no_stage(looped):

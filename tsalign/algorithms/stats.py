@@ -177,27 +177,42 @@ def length_controlled_win_rate(outcomes: list[float], len_policy: list[float], l
     return {"lc_win_rate": 1 / (1 + math.exp(-a)), "lc_ci_low": low, "lc_ci_high": high, "length_coef": b}
 
 
+def sign_test(hits: int, trials: int) -> float:
+    """Two-sided exact p-value of `hits` in `trials` fair coin flips (the sign test; ties left out before)."""
+    if trials == 0:
+        return 1.0
+    tail = sum(math.comb(trials, i) for i in range(min(hits, trials - hits) + 1)) / 2**trials
+    return min(1.0, 2 * tail)
+
+
 def control_checks(control_outcomes: list[float], len_a: list[float], len_b: list[float],
-                   first_slot_picks: int | None, single_order_verdicts: int | None, confidence: float = 0.95,
-                   seed: int = 0) -> dict:
-    """Bias checks on the base-vs-base control (pi_0 against pi_0, where neither arm is better on
-    average). Each passes when its interval contains 0.5:
-    - win_rate: the control's win rate;
+                   first_slot_picks: int | None, single_order_verdicts: int | None,
+                   confidence: float = 0.95) -> dict:
+    """Bias checks on the base-vs-base control (pi_0 against pi_0 with another seed). The arms are
+    exchangeable, so for an unbiased judge and a pipeline that treats both arms alike each count below
+    is a fair coin; each check is an exact two-sided sign test at a Bonferroni-corrected level, so an
+    unbiased judge fails the control in at most 1 - confidence of runs (one in twenty at 95%) whatever
+    the number of prompts (more prompts catch smaller biases, not more false alarms):
+    - win_rate: the control arm's wins against its losses (ties left out). A length or slot preference
+      does not move it when the judge is asked both orders: it shows arms judged or sampled unalike
+      (a single-order judge's slot, answers cut or sampled differently);
     - position (pairwise judges): how often a single-order verdict picked the first slot; a judge that
       answers by position fails it, although averaging both orders hides that in the win rate;
-    - length: how often the longer answer won a decided control pair; a judge that rewards length
-      fails it (then read the length-controlled win rate, not the raw one)."""
-    checks = {}
-    rate = paired_win_rate(control_outcomes, confidence, seed)
-    checks["win_rate"] = {"value": rate["win_rate"], "ci": [rate["ci_low"], rate["ci_high"]]}
+    - length: how often the longer answer won a decided pair of unequal lengths; a judge that rewards
+      length fails it (then read the length-controlled win rate, not the raw one)."""
+    checks = {"win_rate": {"value": statistics.fmean(control_outcomes) if control_outcomes else math.nan,
+                           "hits": sum(o == 1.0 for o in control_outcomes),
+                           "trials": sum(o != 0.5 for o in control_outcomes)}}
     if single_order_verdicts:
-        p = first_slot_picks / single_order_verdicts
-        checks["position"] = {"value": p, "ci": list(wilson_interval(p, single_order_verdicts, confidence))}
-    decided = [(la, lb) if o == 1.0 else (lb, la) for o, la, lb in zip(control_outcomes, len_a, len_b) if o != 0.5]
+        checks["position"] = {"value": first_slot_picks / single_order_verdicts, "hits": first_slot_picks,
+                              "trials": single_order_verdicts}
+    decided = [(la, lb) if o == 1.0 else (lb, la) for o, la, lb in zip(control_outcomes, len_a, len_b)
+               if o != 0.5 and la != lb]
     if decided:
-        hits = [1.0 if w > lo else 0.5 if w == lo else 0.0 for w, lo in decided]
-        checks["length"] = {"value": statistics.fmean(hits), "ci": list(bootstrap_interval(hits, None, confidence,
-                                                                                             seed=seed))}
+        hits = sum(winner > loser for winner, loser in decided)
+        checks["length"] = {"value": hits / len(decided), "hits": hits, "trials": len(decided)}
+    level = (1 - confidence) / len(checks)
     for check in checks.values():
-        check["passed"] = bool(check["ci"][0] <= 0.5 <= check["ci"][1])
-    return {"passed": all(c["passed"] for c in checks.values()), "checks": checks}
+        check["p_value"] = sign_test(check["hits"], check["trials"])
+        check["passed"] = check["p_value"] >= level
+    return {"passed": all(c["passed"] for c in checks.values()), "level_per_check": level, "checks": checks}

@@ -5,7 +5,9 @@
 Both policies answer every held-out prompt once with the same sampling config and seed; the
 judge (the teacher, or an independent one: evaluate.judge=<conf/teacher option>) judges each pair: win / tie / loss, win rate (ties half) with an interval, the paired
 difference of teacher reward, and the student_{t+1}'s agreement with the teacher on these fresh
-pairs. A control (pi_0 with another seed vs pi_0) must sit near 50%: if not, the judge is biased.
+pairs. A control (pi_0 with another seed vs pi_0) must sit near 50%, its longer answers must not win more often
+(and, for a pairwise judge, neither slot): exact sign tests, which an unbiased judge fails in one run in twenty
+at evaluate.confidence=0.95.
 Writes metrics.json and progress.png (every evaluated iteration of the experiment so far).
 """
 
@@ -125,13 +127,18 @@ def keep(here: Path, kept: Path) -> bool:
     return wrote
 
 
+def answers_key(cfg: DictConfig, prompts: list[dict]) -> str:
+    """What names pi_0's answer files: the policy, sampler, data and seed, and the prompts' content (a prompt's id is
+    its file and row: a file edited in place keeps them)."""
+    return config_hash([section(cfg, "policy", "sampler", "data"), cfg.evaluate.seed,
+                        [[p["prompt_id"], p["messages"]] for p in prompts]])
+
+
 def base_answers(cfg: DictConfig, model_dir: Path, prompts: list[dict], runs: list[tuple[int, Path]]) -> tuple:
     """answers() for pi_0's runs, shared by every experiment on this machine through <cache>/eval_answers (the base
     policy answers the same prompts with the same seeds in every experiment of one config): adopted before, kept
-    after. The cache's names hold the prompts' content too (a prompt's id is its file and row: an edited file keeps
-    them). Returns the answers and whether they came from the cache."""
-    prompts_digest = config_hash([[p["prompt_id"], p["messages"]] for p in prompts])
-    kept = {here: kept_answers_dir(cfg) / f"{here.stem}-{prompts_digest}{here.suffix}" for _, here in runs}
+    after (under the experiment's names: answers_key). Returns the answers and whether they came from the cache."""
+    kept = {here: kept_answers_dir(cfg) / here.name for _, here in runs}
     adopted = []
     for here, there in kept.items():
         with cache_lock(there, "pi_0's evaluation answers"):
@@ -245,7 +252,7 @@ def run(ctx: StageContext) -> StageResult:
     held_out, _ = prompt_split(cfg)
     base_dir = base_model_dir(cfg, cfg.policy)
     shared = experiment_dir(cfg) / "_eval_answers"
-    key = config_hash([section(cfg, "policy", "sampler", "data"), e.seed])
+    key = answers_key(cfg, held_out)
     # matched arms: pi_{t+1} and the control's pi_0 both answer with seed+1 against pi_0's seed answers,
     # so the control differs from the main comparison in the model only
     base_runs = [(e.seed, shared / f"base-{key}.jsonl")] + ([(e.seed + 1, shared / f"control-{key}.jsonl")]
@@ -293,7 +300,7 @@ def run(ctx: StageContext) -> StageResult:
         say(f"[evaluate] {cost_line(served)}")
     if ctrl:
         checks = control_checks(ctrl["outcomes"], [len(a) for a in ctrl_judged[1]], [len(b) for b in ctrl_judged[2]],
-                                ctrl_picks.get("first_position_picks"), ctrl_picks.get("verdicts"), e.confidence, e.seed)
+                                ctrl_picks.get("first_position_picks"), ctrl_picks.get("verdicts"), e.confidence)
         metrics["control"] = {**{k: v for k, v in ctrl.items() if k != "outcomes"}, **checks}
     else:
         metrics["control"] = None
@@ -318,6 +325,11 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(counts, outputs, {"plot": str(ctx.directory.parent / "evaluate" / "progress.png")})
 
 
+# what a failed control check says (stats.control_checks)
+_CONTROL_FAILURE = {"win_rate": "the two pi_0 arms were not judged alike", "position": "the judge prefers the first slot",
+                    "length": "the judge prefers the longer answer"}
+
+
 def summary_line(m: dict, t: int) -> str:
     def ci(lo: float, hi: float) -> str:
         return f"[{lo:.2f}, {hi:.2f}]"
@@ -328,9 +340,12 @@ def summary_line(m: dict, t: int) -> str:
             f"{m['reward_delta']:+.4f} {ci(*m['reward_delta_ci'])}")
     c = m["control"]
     if c:
-        failed = [name for name, check in c["checks"].items() if not check["passed"]]
+        failed = "; ".join(f"{_CONTROL_FAILURE[name]} (p={check['p_value']:.3f})"
+                           for name, check in c["checks"].items() if not check["passed"])
         text += (f"; control (pi_0 vs pi_0) {c['win_rate']:.2f} {ci(c['ci_low'], c['ci_high'])} "
-                 + ("passed" if c["passed"] else f"FAILED ({', '.join(failed)}: the judge is biased)"))
+                 + ("passed" if c["passed"] else f"FAILED: {failed}; an unbiased judge fails it in one run in "
+                    f"{round(1 / (len(c['checks']) * c['level_per_check']))} by chance (more prompts tell: "
+                    "data.eval_prompts)"))
     if m["student_agreement"] is not None:
         text += f"; student agreement {m['student_agreement']:.2f}"
     if m["judge_is_teacher"]:
