@@ -198,3 +198,16 @@ def test_auc_change_is_paired_seeded_and_brackets_the_change():
     assert auc_change(before, after, labels, seed=1) == r
     same = auc_change(before, before, labels, seed=1)
     assert same["change"] == 0 and same["change_ci"] == [0.0, 0.0]  # paired: identical scores never differ
+
+
+def test_summary_line_names_what_a_failed_control_shows_and_its_false_alarm_rate():
+    from tsalign.stages.evaluate import summary_line
+
+    outcomes, len_a, len_b, *_ = _control("longer")
+    control = {**paired_win_rate(outcomes), **control_checks(outcomes, len_a, len_b, None, None)}
+    metrics = {"n": 64, "judge": "rm", "win": 1, "tie": 0, "loss": 0, "win_rate": 1.0, "ci_low": 1.0, "ci_high": 1.0,
+               "lc_win_rate": 1.0, "lc_ci_low": 1.0, "lc_ci_high": 1.0, "reward_delta": 0.1, "reward_delta_ci": [0, 1],
+               "control": control, "student_agreement": None, "judge_is_teacher": False}
+    line = summary_line(metrics, 0)
+    assert "FAILED: the judge prefers the longer answer (p=0.000)" in line and "one run in 20 by chance" in line
+    assert "not judged alike" not in line  # the win-rate check passed
