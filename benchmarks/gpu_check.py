@@ -166,7 +166,8 @@ def predicted(overrides: list[str]) -> dict[str, float]:
 
         import tsalign.cli
         from tsalign.config.schema import register_configs
-        from tsalign.stages.resource_plan import STAGE_PLANS, target_of
+        from tsalign.stages.placement import target_of
+        from tsalign.stages.resource_plan import STAGE_PLANS
 
         register_configs()
         with hydra.initialize_config_dir(config_dir=tsalign.cli.CONF_DIR, version_base="1.3"):

@@ -15,6 +15,7 @@ import pytest
 from tsalign.algorithms import memory as resources
 from tsalign.algorithms.memory import GIB, Launch
 from tsalign.errors import TsalignError
+from tsalign.stages import placement
 from tsalign.stages import resource_plan as plan
 
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
@@ -234,19 +235,19 @@ def test_steps_per_iteration():
 @pytest.mark.parametrize("name,strategy", [("ddp", "ddp"), ("deepspeed_zero2", "zero2"), ("deepspeed_zero3", "zero3"),
                                            ("fsdp", "fsdp")])
 def test_launch_from_the_shipped_accelerate_configs(compose, name, strategy):
-    target = plan.Target(True)
-    launch, words = plan.training_launch(compose([f"launch.accelerate_config={name}", "launch.processes=8"]), target)
+    target = placement.Target(True)
+    launch, words = placement.training_launch(compose([f"launch.accelerate_config={name}", "launch.processes=8"]), target)
     assert (launch.strategy, launch.processes) == (strategy, 8)
     # launch.processes=1 leaves --num_processes to the file (2 in the shipped ones), as stage_launcher does
-    launch, _ = plan.training_launch(compose([f"launch.accelerate_config={name}", "launch.processes=1"]), target)
+    launch, _ = placement.training_launch(compose([f"launch.accelerate_config={name}", "launch.processes=1"]), target)
     assert launch.processes == 2
 
 
 def test_launch_of_a_running_accelerate_launch(compose):
     env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "WORLD_SIZE": "4"}
-    launch, words = plan.training_launch(compose([]), plan.Target(True, environ=env))
+    launch, words = placement.training_launch(compose([]), placement.Target(True, environ=env))
     assert (launch.strategy, launch.processes) == ("zero3", 4) and "this accelerate launch" in words
-    launch, _ = plan.training_launch(compose(["launch.processes=3"]), plan.Target(True))
+    launch, _ = placement.training_launch(compose(["launch.processes=3"]), placement.Target(True))
     assert (launch.strategy, launch.processes) == ("ddp", 3)
 
 
@@ -288,7 +289,7 @@ def test_full_dpo_in_one_process_is_refused_with_the_fixes(compose, fake_hub):
     found = re.search(r"launch\.accelerate_config=deepspeed_zero3 launch\.processes=(\d+)", message)
     assert found, message
     n = int(found.group(1))  # the smallest that leaves ACTIVATION_SHARE of each GPU: n fits, n - 1 does not
-    target = plan.Target(True, tuple(NODE))
+    target = placement.Target(True, tuple(NODE))
     share = 1 - plan.ACTIVATION_SHARE
 
     def fits(processes: int) -> bool:
@@ -319,11 +320,11 @@ def test_never_refuses_without_gpus(compose, fake_hub):
     one_process = ["launch.processes=1", "launch.accelerate_config=null"]
     plan.check_fits(llama(compose, *one_process), "dpo", [])
     plan.check_fits(llama(compose, *one_process, "device=cpu"), "dpo", NODE)  # device=cpu: the GPUs are not used
-    assert not plan.target_of(llama(compose, "device=cpu"), NODE).gpu
+    assert not placement.target_of(llama(compose, "device=cpu"), NODE).gpu
 
 
 def test_a_served_teacher_holds_nothing(compose):
-    rows = plan.plan_rank(compose(["teacher=served_rm"]), plan.Target(False, host_bytes=8 * GIB)).rows
+    rows = plan.plan_rank(compose(["teacher=served_rm"]), placement.Target(False, host_bytes=8 * GIB)).rows
     teacher = rows[-1]
     assert teacher.memory is None and "served over HTTP" in teacher.note
 
@@ -398,11 +399,9 @@ def test_gpus_are_read_from_nvidia_smi_without_starting_cuda(monkeypatch):
     loop; visible devices fixed before a training stage narrows them): nvidia-smi lists them instead."""
     import subprocess
 
-    from tsalign.stages import resource_plan as plan
-
     listing = "0, GPU-aaaa-1, NVIDIA H100 80GB HBM3, 81559\n1, GPU-bbbb-2, NVIDIA H100 80GB HBM3, 81559\n"
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=listing))
     h100 = ("NVIDIA H100 80GB HBM3", 81559 * 1024**2)
-    assert plan.nvidia_smi_gpus(None) == [h100, h100]
-    assert plan.nvidia_smi_gpus("1") == [h100] and plan.nvidia_smi_gpus("GPU-bbbb") == [h100]
-    assert plan.nvidia_smi_gpus("") == [] and plan.nvidia_smi_gpus("MIG-x") is None
+    assert placement.nvidia_smi_gpus(None) == [h100, h100]
+    assert placement.nvidia_smi_gpus("1") == [h100] and placement.nvidia_smi_gpus("GPU-bbbb") == [h100]
+    assert placement.nvidia_smi_gpus("") == [] and placement.nvidia_smi_gpus("MIG-x") is None

@@ -10,16 +10,15 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from tsalign.algorithms.memory import GIB
+from tsalign.stages.placement import Target, target_of
 from tsalign.stages.registry import PIPELINE
 from tsalign.stages.resource_plan import (
     STAGE_PLANS,
     StagePlan,
-    Target,
     breakdown,
     count_text,
     shortfall,
     step_lines,
-    target_of,
     training_prompts,
 )
 
