@@ -50,9 +50,16 @@ __all__ = ["STAGES", "TsalignConfig", "register_configs", "conf_dir"]
 
 
 def too_small(at: str, section: object, minimum: int, keys: tuple[str, ...]) -> list[str]:
-    """'<at><key> must be >= <minimum>' for each key below it: sizes that transformers / TRL reject only deep
-    inside a stage, after models have loaded."""
-    return [f"{at}{key} must be >= {minimum}" for key in keys if getattr(section, key) < minimum]
+    """'<at><key> must be >= <minimum>' for each key below it: sizes that transformers / TRL / vLLM reject only deep
+    inside a stage, after models have loaded, or that slicing would take as counted from the end (max_prompts=-1).
+    An optional size left null is not checked."""
+    return [f"{at}{key}={value} must be >= {minimum} (null: {_NULL_MEANS[key]})" if key in _NULL_MEANS
+            else f"{at}{key} must be >= {minimum}"
+            for key in keys if (value := getattr(section, key)) is not None and value < minimum]
+
+
+# sizes typed `int | None`, and what null means
+_NULL_MEANS = {"max_prompts": "the whole shard", "max_rows": "every row", "max_model_len": "the model's own context"}
 
 
 def not_positive(at: str, section: object, keys: tuple[str, ...]) -> list[str]:
@@ -144,7 +151,8 @@ class ModelSpec:
 
     def problems(self, role: str) -> list[str]:
         """role: the key this model sits at (policy, teacher, student); which kinds it takes is the caller's."""
-        return too_small(f"{role}.", self, 1, ("batch_size",)) + self.fit.problems(f"{role}.fit")
+        return (too_small(f"{role}.", self, 1, ("batch_size",)) + self.fit.problems(f"{role}.fit")
+                + too_small(f"{role}.vllm.", self.vllm, 1, ("tensor_parallel_size", "max_model_len")))
 
 
 @dataclass
@@ -167,7 +175,8 @@ class SamplerConfig:
     calibrate: bool = True
 
     def problems(self) -> list[str]:
-        return too_small("sampler.", self, 1, ("max_new_tokens", "batch_size", "max_prompt_tokens"))
+        return too_small("sampler.", self, 1, ("max_new_tokens", "batch_size", "max_prompt_tokens",
+                                               "tensor_parallel_size", "max_model_len"))
 
 
 @dataclass
@@ -192,7 +201,7 @@ class DataConfig:
     split_seed: int = 0
 
     def problems(self) -> list[str]:
-        return too_small("data.", self, 1, ("prompts_per_iteration", "eval_prompts"))
+        return too_small("data.", self, 1, ("prompts_per_iteration", "eval_prompts", "max_prompts", "max_rows"))
 
 
 @dataclass
