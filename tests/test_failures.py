@@ -172,6 +172,22 @@ def test_missing_model_path_names_its_key(untouched, stage, key):
     assert f"{key}.path=/no/such/{key}:" in line
 
 
+def test_a_model_folder_without_weights_or_tokenizer_says_what_it_lacks(tmp_path):
+    """transformers' own message is a list over five lines (and names no file): one line, with what is missing."""
+    from tsalign.engines.models import load_causal_lm, load_tokenizer
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(TsalignError) as e:
+        load_tokenizer(tmp_path)
+    line = str(e.value)
+    assert "\n" not in line and line.startswith(f"cannot load model from {tmp_path}: ")
+    assert "(1) a `tokenizers` library serialization file" in line
+    assert line.endswith("the folder has no weights (*.safetensors or *.bin) and no tokenizer files (tokenizer.json)")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(TsalignError, match=r"the folder has no weights \(\*\.safetensors or \*\.bin\)$"):
+        load_causal_lm(tmp_path)
+
+
 def test_causal_lm_as_the_student_is_refused(untouched):
     cfg = untouched["cfg"]
     causal = base_model_dir(cfg, cfg.policy)

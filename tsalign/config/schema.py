@@ -62,6 +62,11 @@ def too_small(at: str, section: object, minimum: int, keys: tuple[str, ...]) -> 
 _NULL_MEANS = {"max_prompts": "the whole shard", "max_rows": "every row", "max_model_len": "the model's own context"}
 
 
+def not_negative(at: str, section: object, keys: tuple[str, ...]) -> list[str]:
+    """Thresholds: `not >= 0` also catches nan."""
+    return [f"{at}{key}={getattr(section, key)} must be >= 0" for key in keys if not getattr(section, key) >= 0]
+
+
 def not_positive(at: str, section: object, keys: tuple[str, ...]) -> list[str]:
     """Learning rates: `not > 0` also catches nan."""
     return [f"{at}{key}={getattr(section, key)} must be > 0" for key in keys if not getattr(section, key) > 0]
@@ -175,8 +180,13 @@ class SamplerConfig:
     calibrate: bool = True
 
     def problems(self) -> list[str]:
-        return too_small("sampler.", self, 1, ("max_new_tokens", "batch_size", "max_prompt_tokens",
-                                               "tensor_parallel_size", "max_model_len"))
+        found = too_small("sampler.", self, 1, ("max_new_tokens", "batch_size", "max_prompt_tokens",
+                                                "tensor_parallel_size", "max_model_len"))
+        if not self.temperature >= 0:  # vLLM's rule: 0 is greedy; transformers would take a negative one as greedy
+            found.append(f"sampler.temperature={self.temperature} must be >= 0 (0: greedy)")
+        if not 0 < self.top_p <= 1:
+            found.append(f"sampler.top_p={self.top_p} must be in (0, 1] (1: the whole vocabulary)")
+        return found
 
 
 @dataclass
@@ -257,7 +267,7 @@ class RankConfig:
     audit_fraction: float = 0.1
 
     def problems(self) -> list[str]:
-        found = too_small("rank.", self, 1, ("shortlist_m",))
+        found = too_small("rank.", self, 1, ("shortlist_m",)) + not_negative("rank.", self, ("tie_threshold",))
         if not 0.0 <= self.audit_fraction <= 1.0:
             found.append(f"rank.audit_fraction={self.audit_fraction} must be between 0 and 1 (0: no audit)")
         if self.max_calls is not None and self.max_calls < 0:
@@ -319,6 +329,7 @@ class DpoConfig:
 
     def problems(self) -> list[str]:
         found = too_small("dpo.", self, 1, ("batch_size", "gradient_accumulation_steps"))
+        found += not_positive("dpo.", self, ("beta",))  # 0: a constant loss (log 2), negative: the pairs reversed
         refresh = self.reference_refresh_steps
         if refresh is not None and (refresh < 1 or self.lora):
             found.append(f"dpo.reference_refresh_steps={refresh}: needs a whole number >= 1 and full fine-tuning "
@@ -374,6 +385,12 @@ class EvaluateConfig:
     tie_threshold: float = 0.0
     confidence: float = 0.95
     seed: int = 1234
+
+    def problems(self) -> list[str]:
+        found = not_negative("evaluate.", self, ("tie_threshold",))
+        if not 0 < self.confidence < 1:
+            found.append(f"evaluate.confidence={self.confidence} must be between 0 and 1 (0.95: 95% intervals)")
+        return found
 
 
 @dataclass

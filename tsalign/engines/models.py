@@ -238,5 +238,26 @@ def _clear_load_errors(model_dir: Path):
     except TsalignError:
         raise
     except Exception as e:  # noqa: BLE001 -- any loading failure is the user's model, named in one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TsalignError(f"cannot load model from {model_dir}: {first}") from None
+        lacks = missing_parts(Path(model_dir))
+        hint = f"; the folder has no {' and no '.join(lacks)}" if lacks else ""
+        raise TsalignError(f"cannot load model from {model_dir}: {load_error_line(e)}{hint}") from None
+
+
+def missing_parts(folder: Path) -> list[str]:
+    """What a model folder lacks of an HF checkpoint: its weights, its tokenizer (nothing to say of a file or of a
+    hub id)."""
+    if not folder.is_dir():
+        return []
+    names = {p.name for p in folder.iterdir()}
+    weights = any(n.endswith((".safetensors", ".bin", ".gguf", ".pt")) for n in names)
+    tokenizer = bool(names & {"tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "tokenizer_config.json"})
+    return [part for part, found in (("weights (*.safetensors or *.bin)", weights),
+                                     ("tokenizer files (tokenizer.json)", tokenizer)) if not found]
+
+
+def load_error_line(error: Exception) -> str:
+    """A library's error as one line: its first line, and the list a first line ending in ':' introduces."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return " ".join(lines[:4]) if lines[0].endswith(":") else lines[0]
