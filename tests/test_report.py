@@ -141,6 +141,15 @@ def test_report_of_an_empty_experiment_and_a_failing_one(tmp_path, capsys):
     assert "[report] warning: report not written" in capsys.readouterr().out
 
 
+def test_stage_report_of_an_experiment_that_never_ran_is_an_error_that_writes_nothing(tmp_path):
+    from tsalign.errors import TsalignError
+    from tsalign.views.report import main
+
+    with pytest.raises(TsalignError, match=r"no experiment at .*nothere .*set experiment_name"):
+        main(tmp_path / "nothere")  # a typo in experiment_name: not an empty report in a new folder
+    assert not (tmp_path / "nothere").exists()
+
+
 def test_report_imports_no_model_library(tmp_path):
     exp = hand_made(tmp_path)
     code = ("import sys; from pathlib import Path; from tsalign.views.report import write_report; write_report(Path(sys.argv[1])); "

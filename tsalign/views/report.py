@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tsalign.algorithms.audit import verdict_line
 from tsalign.artifacts.store import atomic_write_text, read_jsonl, read_manifest, stage_dir
+from tsalign.errors import TsalignError
 from tsalign.views.summary import (
     counts,
     figure,
@@ -344,6 +345,9 @@ def report_after_run(experiment_dir: Path) -> Path | None:
 
 
 def main(experiment_dir: Path) -> None:
+    if not Path(experiment_dir).is_dir():  # not a report of nothing, in a folder made for it
+        raise TsalignError(f"no experiment at {experiment_dir} (nothing has run under this experiment_name yet); "
+                           "set experiment_name (and paths.outputs) to one that ran: `ls <paths.outputs>`")
     print(f"report: {write_report(Path(experiment_dir))}")
 
 
