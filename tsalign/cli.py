@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from tsalign import distributed, interrupt
+from tsalign.config.overrides import composition_error
 from tsalign.config.schema import conf_dir, register_configs
 from tsalign.errors import TsalignError
 from tsalign.views.tracking import check_tracker
@@ -340,9 +341,9 @@ def main() -> None:
     keep_freed_memory()  # before tensors are allocated; stage processes and vLLM's inherit it
     interrupt.install()  # Ctrl-C: KeyboardInterrupt, and an exit within seconds if something swallows it
     register_configs()
-    missing = missing_launcher(sys.argv[1:])
-    if missing:
-        fail(missing)
+    problem = missing_launcher(sys.argv[1:]) or composition_error(sys.argv[1:], CONF_DIR)
+    if problem:
+        fail(problem)
     _main()
     distributed.finish()
 
