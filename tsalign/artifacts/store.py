@@ -198,16 +198,34 @@ def damaged_outputs(directory: str | Path, manifest: dict) -> list[str]:
     return found
 
 
-def fingerprint(path: str | Path) -> str:
+def fingerprint(path: str | Path, memo: Path | None = None) -> str:
     """Content hash of an input. A finished stage's output is immutable and its manifest records its
     hash, so a multi-GB checkpoint is hashed once, when its stage finishes, not by every reader; it
-    is verified (verify_output) before its recorded hash is trusted."""
+    is verified (verify_output) before its recorded hash is trusted. Anything else (a base model in a package or
+    the HF cache) is hashed once per `memo` folder and trusted while its files' names, sizes and mtimes stay
+    (remembered_fingerprint), as outputs are; without a memo, hashed every time."""
     path = Path(path)
     found = _recorded(path)
     if found and found[1] in found[0].get("output_sha256", {}):
         verify_output(path)
         return found[0]["output_sha256"][found[1]]
-    return content_fingerprint(path)
+    return content_fingerprint(path) if memo is None else remembered_fingerprint(path, memo)
+
+
+def remembered_fingerprint(path: Path, memo: Path) -> str:
+    """content_fingerprint(path), kept in memo/<digest of the path>.json with its stat_signature: a 16 GB base model
+    is read once, not at every evaluate; a file changed since (another size or mtime) is hashed again."""
+    path = path.resolve()
+    note = memo / f"{config_hash(str(path))}.json"
+    signature = stat_signature(path)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        kept = json.loads(note.read_text())
+        if kept["path"] == str(path) and kept["stat"] == signature:
+            return kept["sha256"]
+    sha = content_fingerprint(path)
+    with contextlib.suppress(OSError):  # a read-only cache: hashed again next time, nothing lost
+        atomic_write_json(note, {"path": str(path), "stat": signature, "sha256": sha})
+    return sha
 
 
 def _content_files(path: Path) -> list[Path]:

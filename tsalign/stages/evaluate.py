@@ -75,7 +75,7 @@ def answers(cfg: DictConfig, model_dir: Path, prompts: list[dict], runs: list[tu
     """One answer per prompt for each (seed, cache) run, from one model loaded at most once, the runs sampled in one
     pass (sample_runs: they share its batches); finished chunks are kept in each cache (pi_0's answers are shared by
     the iterations)."""
-    model = fingerprint(model_dir)
+    model = fingerprint(model_dir, memo=Path(cfg.paths.cache) / "fingerprints")  # pi_0: a base model, hashed once
     sampler = None
     try:
         with contextlib.ExitStack() as locks:
