@@ -4,6 +4,7 @@ not started; the command to run next; and that it loads neither torch nor transf
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -130,6 +131,24 @@ def test_redo_in_progress_and_a_running_stage(tmp_path):
         assert row(rows, 0, "distill")["running"] and not row(rows, 0, "dpo")["running"]
         assert "is running now" in next_commands(exp, rows)[0]
         assert "redo in progress (the finished outputs stay until it ends), running" in format_status(exp, rows)
+
+
+def test_between_two_stages_of_a_running_loop_status_says_so_and_a_second_loop_is_refused(tmp_path):
+    import pytest
+
+    from tsalign.artifacts.store import loop_lock
+    from tsalign.errors import TsalignError
+
+    exp = half_finished(tmp_path)
+    assert next_commands(exp, experiment_status(exp, None))[0].startswith("tsalign stage=dpo iteration=0")
+    with loop_lock(exp):  # what stage=loop holds from its first stage to its last, between them too
+        rows = experiment_status(exp, None)
+        assert not row(rows, 0, "dpo")["running"]
+        assert next_commands(exp, rows) == ["(a stage=loop is running this experiment: iter_0/dpo is next; wait for it)"]
+        with pytest.raises(TsalignError, match=rf"another stage=loop \(pid {os.getpid()}\) is running {exp}"):
+            with loop_lock(exp):
+                pass
+    assert next_commands(exp, experiment_status(exp, None))[0].startswith("tsalign stage=dpo iteration=0")
 
 
 def test_finished_stage_without_manifest_and_finished_experiment(tmp_path, capsys):

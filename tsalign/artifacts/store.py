@@ -393,6 +393,28 @@ def stage_lock(directory: Path) -> Iterator[None]:
         yield
 
 
+LOOP_LOCK = ".loop.lock"  # in the experiment folder, held by a running stage=loop (its pid inside)
+
+
+@contextlib.contextmanager
+def loop_lock(experiment: Path) -> Iterator[None]:
+    """One stage=loop per experiment, held between its stages too (when no stage lock is), so `tsalign stage=status`
+    can say a loop is running and a second loop is refused at once, not at the stage the first one is in."""
+    experiment.mkdir(parents=True, exist_ok=True)
+    with open(experiment / LOOP_LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            raise TsalignError(f"another stage=loop (pid {pid}) is running {experiment}; wait for it "
+                               "(`tsalign stage=status` shows where it is) or stop it") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
 def read_manifest(directory: Path) -> dict | None:
     p = Path(directory) / MANIFEST
     return json.loads(p.read_text()) if p.is_file() else None

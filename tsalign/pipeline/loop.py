@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from tsalign.algorithms.audit import verdict_line
-from tsalign.artifacts.store import ConfigChanged, read_manifest, stage_dir
+from tsalign.artifacts.store import ConfigChanged, loop_lock, read_manifest, stage_dir
 from tsalign.config.options import accelerate_config_file
 from tsalign.errors import TsalignError
 from tsalign.pipeline.runner import stage_record
@@ -92,7 +92,16 @@ def stage_launcher(cfg: DictConfig, stage: str) -> list[str]:
 
 def run_loop(cfg: DictConfig, task_overrides: list[str] | None = None) -> None:
     check_loop(cfg)  # K, base model paths and lengths, prompts: before the first stage starts
-    overrides = child_overrides(task_overrides or [])
+    with loop_lock(Path(cfg.experiment_dir)):
+        run_stages(cfg, child_overrides(task_overrides or []))
+    print_summary(Path(cfg.experiment_dir), range(cfg.iteration + cfg.iterations))
+    from tsalign.views.report import report_after_run
+
+    report_after_run(Path(cfg.experiment_dir))
+
+
+def run_stages(cfg: DictConfig, overrides: list[str]) -> None:
+    """Each iteration's stages not done yet, each in its own process, in pipeline order."""
     hydra_dir = Path(cfg.experiment_dir) / "_hydra"
     for t in range(cfg.iteration, cfg.iteration + cfg.iterations):
         for stage in PIPELINE:
@@ -109,10 +118,6 @@ def run_loop(cfg: DictConfig, task_overrides: list[str] | None = None) -> None:
             if code != 0:
                 raise TsalignError(f"iter_{t}/{stage} failed (exit {code}, its message is above); "
                                    "fix it and rerun the same command: finished stages are kept")
-    print_summary(Path(cfg.experiment_dir), range(cfg.iteration + cfg.iterations))
-    from tsalign.views.report import report_after_run
-
-    report_after_run(Path(cfg.experiment_dir))
 
 
 def print_summary(experiment: Path, iterations) -> None:

@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from tsalign.artifacts.store import MANIFEST, damaged_outputs, read_manifest, stage_dir
+from tsalign.artifacts.store import LOOP_LOCK, MANIFEST, damaged_outputs, read_manifest, stage_dir
 from tsalign.stages.registry import STAGES, spec
 
 SCORE_CHUNK = 64  # tsalign.engines.scoring.resumable.SCORE_CHUNK; copied so that no scoring module is imported
@@ -278,6 +278,9 @@ def next_commands(experiment_dir: Path, rows: list[dict]) -> list[str]:
         return [" ".join(["tsalign", "stage=loop", f"iterations={total + 1}", *tail]) + "   # one more iteration"]
     if todo["running"]:
         return [f"(iter_{todo['iteration']}/{todo['stage']} is running now: wait for it)"]
+    if lock_held(experiment / LOOP_LOCK):  # between two stages of a running loop, no stage lock is held
+        return [f"(a stage=loop is running this experiment: iter_{todo['iteration']}/{todo['stage']} is next; "
+                "wait for it)"]
     redo = ["redo=true"] if todo["state"] in ("redo", "damaged") else []
     return [" ".join(["tsalign", f"stage={todo['stage']}", f"iteration={todo['iteration']}", *redo, *tail]),
             " ".join(["tsalign", "stage=loop", f"iterations={total}", *tail]) + "   # or everything left"]
