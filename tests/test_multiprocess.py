@@ -162,6 +162,19 @@ def test_a_dead_process_of_a_launched_stage_ends_in_one_tsalign_line(tmp_path, h
     assert "rerun the same command" in last
 
 
+def test_tsalign_launch_is_the_same_launcher_under_its_own_name(tmp_path):
+    """What a user types instead of `accelerate launch` (README: Scaling out): the console script, one line too."""
+    launcher = Path(sys.executable).with_name("tsalign-launch")
+    assert launcher.is_file(), "pip install -e . installs tsalign-launch (pyproject.toml [project.scripts])"
+    script = tmp_path / "dies.py"
+    script.write_text(DIES)
+    cmd = [str(launcher), *stage_launcher_args()[3:], "--num_machines", "1", "--dynamo_backend", "no", str(script),
+           "exit"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("tsalign: error: process 1 of 2 exited with code 2")
+
+
 def stage_launcher_args() -> list[str]:
     """The loop's own launch command for a 2-process training stage, without the tsalign.cli part."""
     from omegaconf import OmegaConf

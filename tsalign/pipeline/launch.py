@@ -1,7 +1,8 @@
 """`accelerate launch` as stage=loop starts its multi-process stages, ending in one tsalign line when a
 process fails instead of the launcher's traceback.
 
-    python -m tsalign.pipeline.launch --multi_gpu --num_processes 2 -m tsalign.cli stage=dpo iteration=0
+    tsalign-launch --multi_gpu --num_processes 2 -m tsalign.cli stage=dpo iteration=0
+    python -m tsalign.pipeline.launch ...     # the same (what stage=loop runs)
 
 Same arguments as `accelerate launch` (its parser and launchers run unchanged). When a process dies, torch
 elastic stops the others and accelerate re-raises ChildFailedError: a page of launcher frames that buries which
