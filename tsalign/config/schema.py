@@ -59,7 +59,8 @@ def too_small(at: str, section: object, minimum: int, keys: tuple[str, ...]) -> 
 
 
 # sizes typed `int | None`, and what null means
-_NULL_MEANS = {"max_prompts": "the whole shard", "max_rows": "every row", "max_model_len": "the model's own context"}
+_NULL_MEANS = {"max_prompts": "the whole shard", "max_rows": "every row", "max_model_len": "the model's own context",
+               "threads": "as many as this process may use, fewer beside a busy process"}
 
 
 def not_negative(at: str, section: object, keys: tuple[str, ...]) -> list[str]:
@@ -464,7 +465,7 @@ class TsalignConfig:
 
     def problems(self) -> list[str]:
         """This config's own keys, each model role's (its kind: ROLE_KINDS), then every section with problems()."""
-        found = too_small("", self, 0, ("iteration",)) + too_small("", self, 1, ("iterations",))
+        found = too_small("", self, 0, ("iteration",)) + too_small("", self, 1, ("iterations", "threads"))
         for role, kinds in ROLE_KINDS.items():
             spec = getattr(self, role)
             if spec.kind not in kinds:
