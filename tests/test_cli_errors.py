@@ -93,6 +93,9 @@ def test_a_multirun_leaves_composition_to_hydra():
 @pytest.mark.parametrize("override,needle", [
     ("iteration=-1", "iteration must be >= 0"),
     ("threads=0", "threads=0 must be >= 1 (null: as many as this process may use"),
+    ("experiment_name=..", "experiment_name='..' must be one folder name (no '/', not '.' or '..')"),
+    ("experiment_name=", "experiment_name='' must be one folder name"),
+    ("experiment_name=a/b", "experiment_name='a/b' must be one folder name"),
     ("student.kind=judge", "student.kind=judge is not one of: reward_model"),
 ])
 def test_bad_choice_is_validated(run_cli, tmp_path, override, needle):

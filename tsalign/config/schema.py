@@ -466,6 +466,10 @@ class TsalignConfig:
     def problems(self) -> list[str]:
         """This config's own keys, each model role's (its kind: ROLE_KINDS), then every section with problems()."""
         found = too_small("", self, 0, ("iteration",)) + too_small("", self, 1, ("iterations", "threads"))
+        name = self.experiment_name
+        if not name or name in (".", "..") or "/" in name or "\\" in name:  # "" and ".." wrote beside or above outputs/
+            found.append(f"experiment_name={name!r} must be one folder name (no '/', not '.' or '..'); "
+                         "set paths.outputs to put experiments elsewhere")
         for role, kinds in ROLE_KINDS.items():
             spec = getattr(self, role)
             if spec.kind not in kinds:
