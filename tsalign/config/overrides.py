@@ -41,8 +41,10 @@ def one_line(error: Exception) -> str:
 
 def composition_error(argv: list[str], config_dir: str) -> str | None:
     """One line saying why argv's overrides do not compose with conf/, or None (they do, or Hydra decides)."""
-    from hydra._internal.utils import get_args_parser  # Hydra's own command-line parser: its flags, as it reads them
-
+    try:  # Hydra's own command-line parser (internal: where a Hydra upgrade moves it, Hydra reports as it did)
+        from hydra._internal.utils import get_args_parser
+    except ImportError:
+        return None
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # Hydra's own parse, next, reports what argparse refuses
             args, unknown = get_args_parser().parse_known_args(argv)
