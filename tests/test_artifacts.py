@@ -386,7 +386,7 @@ def test_finished_outputs_are_fingerprinted_once_from_their_manifest(tmp_path):
         fingerprint(stage / "policy")
 
 
-def test_a_base_model_is_hashed_once_per_memo_and_again_when_its_files_change(tmp_path, monkeypatch):
+def test_a_base_model_is_hashed_once_per_machine_cache_and_again_when_its_files_change(tmp_path, monkeypatch):
     """evaluate keys pi_0's answers by its content: a 16 GB base model read at every evaluate cost a minute."""
     from tsalign.artifacts import store
 
@@ -397,14 +397,14 @@ def test_a_base_model_is_hashed_once_per_memo_and_again_when_its_files_change(tm
     hashed = []
     real = store.content_fingerprint
     monkeypatch.setattr(store, "content_fingerprint", lambda p, **k: hashed.append(p) or real(p, **k))
-    memo = tmp_path / "cache" / "fingerprints"
-    first = store.fingerprint(model, memo=memo)
+    cache = tmp_path / "cache"  # the hashes go to <cache>/fingerprints
+    first = store.fingerprint(model, cache)
     assert first == real(model) and len(hashed) == 1
-    assert store.fingerprint(model, memo=memo) == first and len(hashed) == 1  # remembered: not read again
-    assert store.fingerprint(model) == first and len(hashed) == 2  # no memo: read every time
+    assert store.fingerprint(model, cache) == first and len(hashed) == 1  # remembered: not read again
+    assert store.fingerprint(model) == first and len(hashed) == 2  # no cache: read every time
     weights = model / "model.safetensors"
     weights.write_bytes(b"v" * 1000)  # the same size, a later mtime
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
-    second = store.fingerprint(model, memo=memo)
+    second = store.fingerprint(model, cache)
     assert second != first and second == real(model) and len(hashed) == 3
-    assert store.fingerprint(model, memo=memo) == second and len(hashed) == 3
+    assert store.fingerprint(model, cache) == second and len(hashed) == 3

@@ -198,18 +198,18 @@ def damaged_outputs(directory: str | Path, manifest: dict) -> list[str]:
     return found
 
 
-def fingerprint(path: str | Path, memo: Path | None = None) -> str:
+def fingerprint(path: str | Path, cache: str | Path | None = None) -> str:
     """Content hash of an input. A finished stage's output is immutable and its manifest records its
     hash, so a multi-GB checkpoint is hashed once, when its stage finishes, not by every reader; it
     is verified (verify_output) before its recorded hash is trusted. Anything else (a base model in a package or
-    the HF cache) is hashed once per `memo` folder and trusted while its files' names, sizes and mtimes stay
-    (remembered_fingerprint), as outputs are; without a memo, hashed every time."""
+    the HF cache) is hashed once per machine cache (paths.cache) and trusted while its files' names, sizes and mtimes
+    stay (remembered_fingerprint), as outputs are; without a cache, hashed every time."""
     path = Path(path)
     found = _recorded(path)
     if found and found[1] in found[0].get("output_sha256", {}):
         verify_output(path)
         return found[0]["output_sha256"][found[1]]
-    return content_fingerprint(path) if memo is None else remembered_fingerprint(path, memo)
+    return content_fingerprint(path) if cache is None else remembered_fingerprint(path, Path(cache) / "fingerprints")
 
 
 def remembered_fingerprint(path: Path, memo: Path) -> str:

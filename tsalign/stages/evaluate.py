@@ -75,7 +75,7 @@ def answers(cfg: DictConfig, model_dir: Path, prompts: list[dict], runs: list[tu
     """One answer per prompt for each (seed, cache) run, from one model loaded at most once, the runs sampled in one
     pass (sample_runs: they share its batches); finished chunks are kept in each cache (pi_0's answers are shared by
     the iterations)."""
-    model = fingerprint(model_dir, memo=Path(cfg.paths.cache) / "fingerprints")  # pi_0: a base model, hashed once
+    model = fingerprint(model_dir, cfg.paths.cache)  # pi_0, a base model: hashed once per machine
     sampler = None
     try:
         with contextlib.ExitStack() as locks:
@@ -344,8 +344,7 @@ def summary_line(m: dict, t: int) -> str:
                            for name, check in c["checks"].items() if not check["passed"])
         text += (f"; control (pi_0 vs pi_0) {c['win_rate']:.2f} {ci(c['ci_low'], c['ci_high'])} "
                  + ("passed" if c["passed"] else f"FAILED: {failed}; an unbiased judge fails it in one run in "
-                    f"{round(1 / (len(c['checks']) * c['level_per_check']))} by chance (more prompts tell: "
-                    "data.eval_prompts)"))
+                    f"{round(1 / (1 - c['confidence']))} by chance (more prompts tell: data.eval_prompts)"))
     if m["student_agreement"] is not None:
         text += f"; student agreement {m['student_agreement']:.2f}"
     if m["judge_is_teacher"]:

@@ -139,8 +139,7 @@ def known_scores(model_dir: Path, prompts: list, responses: list[str], max_lengt
     training is the configured student of every run, or the previous iteration's student after) is not scored
     again."""
     if cache is not None:
-        key = config_hash([fingerprint(model_dir, memo=Path(cache) / "fingerprints"), prompts, responses, max_length, seed,
-                           device])
+        key = config_hash([fingerprint(model_dir, cache), prompts, responses, max_length, seed, device])
         path = Path(cache) / "reward_scores" / f"{key}.json"
         try:
             kept = json.loads(path.read_text())["scores"]
